@@ -1,0 +1,1 @@
+"""Ray: local heads, job submission, actor pools and Ray Train launch."""

@@ -1,0 +1,1 @@
+"""What a user drives: config, fingerprints, run layout, the CLI and the run graph."""

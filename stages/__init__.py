@@ -1,0 +1,1 @@
+"""One module per pipeline stage plus the pieces they share. Stages never import Ray."""

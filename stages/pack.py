@@ -1,0 +1,274 @@
+"""Pack stage: short documents -> Parquet windows of exactly ``window_len`` tokens.
+
+Documents are tokenized (BOS first when the tokenizer has one), cut into chunks of at most
+``doc_len[1]`` tokens (chunks shorter than ``doc_len[0]`` are dropped and counted), shuffled
+through a seeded bounded buffer, and concatenated into one stream that is cut into windows.
+A chunk may continue into the next window; the stream's last partial window is discarded.
+
+Output (DESIGN.md contract), one row per window:
+    window_id int64, input_ids list<int32>, doc_starts list<int32> (0 is always a start)
+``cross_doc``: positions 0..L-1, attention crosses documents.
+``doc_masked``: positions restart at every doc start and documents attend only to themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.atomic import atomic_dir
+from pipeline.config import Config, DataConfig, PackConfig
+from pipeline.errors import UserError
+from pipeline.fingerprint import FORMAT_VERSION, fingerprint
+from pipeline.progress import Progress, human
+from stages.corpus import iter_documents, source_identity
+from stages.tokenizer import load_tokenizer, tokenizer_identity
+
+SCHEMA = pa.schema([
+    ("window_id", pa.int64()),
+    ("input_ids", pa.list_(pa.int32())),
+    ("doc_starts", pa.list_(pa.int32())),
+])
+META_FILE = "pack.json"
+_TOKENIZE_BATCH = 256
+
+
+@dataclass(frozen=True)
+class PackSpec:
+    """Everything that determines a set of packed windows."""
+
+    data: DataConfig
+    pack: PackConfig
+    seed: int
+
+    def identity(self) -> dict:
+        return {
+            "data": source_identity(self.data),
+            "tokenizer": tokenizer_identity(self.data.tokenizer),
+            "pack": self.pack.model_dump(mode="json"),
+            "seed": self.seed,
+            "format": FORMAT_VERSION["pack"],
+        }
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.identity())
+
+
+def pack_spec(cfg: Config, phase_index: int | None = None) -> PackSpec:
+    """The pack of the top-level config, or of one training phase (its window and data)."""
+    pack, data = cfg.pack, cfg.data
+    if phase_index is not None:
+        phase = cfg.train.phases[phase_index]
+        pack = pack.model_copy(update={"window_len": phase.window_len})
+        data = phase.data or data
+    return PackSpec(data=data, pack=pack, seed=cfg.run.seed)
+
+
+def pack_dir(cfg: Config, spec: PackSpec) -> Path:
+    return cfg.out_dir / "pack" / spec.fingerprint()
+
+
+def position_ids(doc_starts: np.ndarray | list[int], window_len: int, mode: str) -> np.ndarray:
+    """Position ids a model sees for one window: 0..L-1, or restarting per document."""
+    pos = np.arange(window_len, dtype=np.int64)
+    if mode == "cross_doc":
+        return pos
+    starts = np.asarray(doc_starts, dtype=np.int64)
+    seg = np.searchsorted(starts, pos, side="right") - 1
+    return pos - starts[seg]
+
+
+def is_complete(out: Path) -> bool:
+    return (out / META_FILE).is_file()
+
+
+def read_meta(out: Path) -> dict:
+    return json.loads((out / META_FILE).read_text())
+
+
+def window_files(out: Path) -> list[Path]:
+    return sorted(out.glob("windows-*.parquet"))
+
+
+@dataclass
+class PackStats:
+    docs_read: int = 0
+    docs_kept: int = 0
+    docs_dropped: int = 0
+    chunks_kept: int = 0
+    chunks_dropped: int = 0
+    tokens_read: int = 0
+    tokens_dropped_short: int = 0
+    tokens_in_windows: int = 0
+    tokens_discarded_tail: int = 0
+    windows: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        rate = self.tokens_read / max(self.seconds, 1e-9)
+        return (f"pack: docs read {self.docs_read}, kept {self.docs_kept}, dropped {self.docs_dropped} "
+                f"(chunks dropped {self.chunks_dropped}, {self.tokens_dropped_short} tokens); "
+                f"tokens {self.tokens_read} -> {self.windows} windows ({self.tokens_in_windows} tokens), "
+                f"tail discarded {self.tokens_discarded_tail} tokens; "
+                f"{human(rate)} tokens/s in {self.seconds:.1f}s")
+
+
+def _chunks(spec: PackSpec, stats: PackStats, progress: Progress) -> Iterator[np.ndarray]:
+    """Tokenized, chunked documents in corpus order."""
+    tok = load_tokenizer(spec.data.tokenizer)
+    lo, hi = spec.pack.doc_len
+    bos = tok.bos_token_id
+    # Synthetic lengths are in characters; leave room for BOS so a doc is one chunk.
+    docs = iter_documents(spec.data, (lo, max(lo, hi - (bos is not None))), spec.seed)
+    while True:
+        batch = [d for _, d in zip(range(_TOKENIZE_BATCH), docs)]
+        if not batch:
+            return
+        for ids in tok(batch, add_special_tokens=False)["input_ids"]:
+            arr = np.asarray(([bos] if bos is not None else []) + ids, dtype=np.int32)
+            stats.docs_read += 1
+            stats.tokens_read += len(arr)
+            kept = False
+            for start in range(0, len(arr), hi):
+                chunk = arr[start:start + hi]
+                if len(chunk) < lo:
+                    stats.chunks_dropped += 1
+                    stats.tokens_dropped_short += len(chunk)
+                    continue
+                kept = True
+                stats.chunks_kept += 1
+                yield chunk
+            stats.docs_kept += kept
+            stats.docs_dropped += not kept
+            progress.update(1, len(arr))
+
+
+def _shuffled(items: Iterator[np.ndarray], buffer: int, rng: random.Random) -> Iterator[np.ndarray]:
+    """Seeded reservoir-style shuffle in bounded memory."""
+    buf: list[np.ndarray] = []
+    for item in items:
+        if len(buf) < buffer:
+            buf.append(item)
+            continue
+        i = rng.randrange(buffer)
+        yield buf[i]
+        buf[i] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _windows(chunks: Iterator[np.ndarray], window_len: int, stats: PackStats) -> Iterator[tuple[np.ndarray, list[int]]]:
+    buf = np.empty(window_len, dtype=np.int32)
+    fill, starts = 0, []
+    for chunk in chunks:
+        pos = 0
+        while pos < len(chunk):
+            if pos == 0 or fill == 0:
+                starts.append(fill)  # a new document, or a document continuing into this window
+            n = min(len(chunk) - pos, window_len - fill)
+            buf[fill:fill + n] = chunk[pos:pos + n]
+            fill += n
+            pos += n
+            if fill == window_len:
+                yield buf.copy(), starts
+                fill, starts = 0, []
+    stats.tokens_discarded_tail = fill
+
+
+def _layout(window_len: int) -> tuple[int, int]:
+    """(windows per file, windows per row group): ~32M tokens per file, ~4M per row group."""
+    per_group = max(1, min(64, (4 << 20) // window_len))
+    per_file = max(per_group, ((32 << 20) // window_len) // per_group * per_group)
+    return per_file, per_group
+
+
+def write_windows(spec: PackSpec, out: Path, progress: Progress) -> PackStats:
+    stats = PackStats()
+    t0 = time.monotonic()
+    per_file, per_group = _layout(spec.pack.window_len)
+    meta = {b"posdistill.fingerprint": spec.fingerprint().encode(),
+            b"posdistill.mode": spec.pack.mode.encode()}
+    writer: pq.ParquetWriter | None = None
+    rows: list[tuple[np.ndarray, list[int]]] = []
+    file_index = 0
+
+    def flush() -> None:
+        nonlocal writer
+        if not rows:
+            return
+        first = stats.windows - len(rows)
+        ids = np.concatenate([r[0] for r in rows])
+        offsets = np.arange(0, len(ids) + 1, spec.pack.window_len, dtype=np.int32)
+        starts = [r[1] for r in rows]
+        table = pa.table({
+            "window_id": pa.array(np.arange(first, stats.windows, dtype=np.int64)),
+            "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids, type=pa.int32())),
+            "doc_starts": pa.array(starts, type=pa.list_(pa.int32())),
+        }, schema=SCHEMA.with_metadata(meta))
+        writer.write_table(table, row_group_size=per_group)
+        rows.clear()
+
+    chunks = _shuffled(_chunks(spec, stats, progress), spec.pack.shuffle_buffer, random.Random(spec.seed))
+    for window, starts in _windows(chunks, spec.pack.window_len, stats):
+        if writer is None or stats.windows % per_file == 0:
+            flush()
+            if writer is not None:
+                writer.close()
+            writer = pq.ParquetWriter(out / f"windows-{file_index:05d}.parquet", SCHEMA.with_metadata(meta),
+                                      compression="zstd", compression_level=3)
+            file_index += 1
+        rows.append((window, starts))
+        stats.windows += 1
+        if len(rows) == per_group:
+            flush()
+    flush()
+    if writer is not None:
+        writer.close()
+    stats.tokens_in_windows = stats.windows * spec.pack.window_len
+    stats.seconds = time.monotonic() - t0
+    return stats
+
+
+def run_pack(cfg: Config, spec: PackSpec, verbose: bool = True) -> Path:
+    """Pack (or reuse) the windows of ``spec``; returns the output directory."""
+    out = pack_dir(cfg, spec)
+    if is_complete(out):
+        if verbose:
+            print(f"pack: reusing {out} ({read_meta(out)['stats']['windows']} windows)")
+        return out
+    progress = Progress("pack", None, unit="docs", enabled=verbose)
+    with atomic_dir(out) as tmp:
+        stats = write_windows(spec, tmp, progress)
+        progress.close()
+        if stats.docs_read == 0:
+            raise UserError(f"data.source: '{spec.data.source}' yielded no documents")
+        if stats.windows == 0:
+            raise UserError(f"data.source: '{spec.data.source}' has {stats.tokens_read} tokens in kept documents, "
+                            f"fewer than one window of pack.window_len={spec.pack.window_len}")
+        (tmp / META_FILE).write_text(json.dumps({
+            "fingerprint": spec.fingerprint(),
+            "identity": spec.identity(),
+            "spec": {"data": spec.data.model_dump(mode="json"), "pack": spec.pack.model_dump(mode="json"),
+                     "seed": spec.seed},
+            "stats": asdict(stats),
+        }, indent=2))
+    if verbose:
+        print(stats.summary())
+        print(f"pack: wrote {out}")
+    return out
+
+
+def iter_windows(out: Path) -> Iterator[dict]:
+    """Rows of a packed-window directory, in window_id order."""
+    for path in window_files(out):
+        pf = pq.ParquetFile(path)
+        for batch in pf.iter_batches(batch_size=64):
+            yield from batch.to_pylist()
