@@ -63,6 +63,185 @@ def pack(config: str) -> None:
     run_pack(cfg, pack_spec(cfg))
 
 
+# ----------------------------------------------------------------------------- cluster and jobs
+
+address_opt = click.option("--address", default=None,
+                           help="Ray dashboard URL (default: RAY_API_SERVER_ADDRESS or the local head).")
+
+
+@cli.group()
+def cluster() -> None:
+    """A local Ray head on 127.0.0.1 with token authentication."""
+
+
+@cluster.command("up")
+@click.option("--port", default=6379, show_default=True)
+@click.option("--dashboard-port", default=8265, show_default=True)
+@click.option("--num-cpus", type=int, default=None)
+@click.option("--num-gpus", type=int, default=None)
+def cluster_up(port: int, dashboard_port: int, num_cpus: int | None, num_gpus: int | None) -> None:
+    """Start a Ray head bound to loopback, token auth on."""
+    from cluster.head import head_up
+
+    info = head_up(port, dashboard_port, num_cpus, num_gpus)
+    click.echo(f"Ray head on {info.gcs_address}, dashboard {info.dashboard} (loopback only)")
+    click.echo(f"token authentication: on; token file {info.token_path}")
+    click.echo(f"submit with: posdistill submit STAGE CONFIG --address {info.dashboard}")
+    click.echo(f"other clients: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={info.token_path}")
+
+
+@cluster.command("down")
+def cluster_down() -> None:
+    """Stop the head started by `cluster up` (and nothing else)."""
+    from cluster.head import head_down
+
+    click.echo(f"stopped {head_down()} processes")
+
+
+@cluster.command("status")
+def cluster_status() -> None:
+    import json
+
+    from cluster.head import head_status
+
+    click.echo(json.dumps(head_status(), indent=2))
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("stage")
+@config_arg
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
+@address_opt
+@click.option("--follow", is_flag=True, help="Stream the job's logs and exit with its status.")
+def submit(stage: str, config: str, extra: tuple[str, ...], address: str | None, follow: bool) -> None:
+    """Submit STAGE (pack, cache, train, eval, analyze, run) for CONFIG as a Ray job.
+
+    Arguments after CONFIG are passed to the stage (e.g. `-- --model DIR` for eval)."""
+    from cluster import jobs
+
+    cfg = load_config(config)
+    addr = jobs.default_address(address)
+    sid, new = jobs.submit(stage, cfg, addr, list(extra))
+    click.echo(f"{'submitted' if new else 'already submitted'}: {sid} ({jobs.status(addr, sid)})")
+    if follow:
+        final = jobs.follow(addr, sid)
+        click.echo(f"{sid}: {final}")
+        sys.exit(0 if final == "SUCCEEDED" else 1)
+
+
+@cli.group()
+def jobs() -> None:
+    """List, inspect, follow and stop posdistill jobs."""
+
+
+@jobs.command("list")
+@address_opt
+def jobs_list(address: str | None) -> None:
+    from cluster import jobs as j
+
+    for row in j.list_jobs(j.default_address(address)):
+        click.echo(f"{row['submission_id']}  {row['status']:<9}  {row['entrypoint']}")
+
+
+@jobs.command("status")
+@click.argument("submission_id")
+@address_opt
+def jobs_status(submission_id: str, address: str | None) -> None:
+    from cluster import jobs as j
+
+    click.echo(j.status(j.default_address(address), submission_id))
+
+
+@jobs.command("logs")
+@click.argument("submission_id")
+@address_opt
+@click.option("--follow", is_flag=True)
+def jobs_logs(submission_id: str, address: str | None, follow: bool) -> None:
+    from cluster import jobs as j
+
+    addr = j.default_address(address)
+    if follow:
+        sys.exit(0 if j.follow(addr, submission_id) == "SUCCEEDED" else 1)
+    click.echo(j.logs(addr, submission_id), nl=False)
+
+
+@jobs.command("stop")
+@click.argument("submission_id")
+@address_opt
+def jobs_stop(submission_id: str, address: str | None) -> None:
+    from cluster import jobs as j
+
+    click.echo("stopped" if j.stop(j.default_address(address), submission_id) else "not running")
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+@cli.command()
+@config_arg
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output directory (default: teacher.model, else <run.out_dir>/teacher).")
+def bootstrap(config: str, out: str | None) -> None:
+    """Train a tiny long-context teacher (teacher.bootstrap) and save it as an HF directory."""
+    from stages.bootstrap import read_meta, run_bootstrap, summary_lines
+
+    cfg = load_config(config)
+    final = run_bootstrap(cfg, out)
+    meta = read_meta(final)
+    click.echo(f"teacher saved to {final} (train {meta['train_seconds']}s, "
+               f"rope_theta {meta['rope_parameters']['rope_theta']:g})")
+    for line in summary_lines(meta):
+        click.echo(line)
+
+
+# ----------------------------------------------------------------------------- eval / analyze
+
+
+@cli.command("eval")
+@config_arg
+@click.option("--model", "models", multiple=True, required=True, type=click.Path(file_okay=False),
+              help="A Hugging Face model directory; repeat to compare teacher and students.")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Output directory (default: <run.out_dir>/eval).")
+def eval_cmd(config: str, models: tuple[str, ...], out: str | None) -> None:
+    """Passkey / needle heatmaps, loss by position and a comparison table for each --model."""
+    from stages.evaluate.run import run_eval
+
+    run_eval(load_config(config), list(models), out)
+
+
+@cli.group()
+def analyze() -> None:
+    """The seed paper's analyses: positional perturbation and query-span updates."""
+
+
+@analyze.command("perturb")
+@config_arg
+@click.option("--model", required=True, type=click.Path(file_okay=False), help="A Hugging Face model directory.")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Output directory (default: <run.out_dir>/analyze/perturb-<model>).")
+def analyze_perturb(config: str, model: str, out: str | None) -> None:
+    """Shift the positions queries/keys see by delta; trace hidden-state change and KL per layer."""
+    from stages.analyze.perturb import run_perturb
+
+    run_perturb(load_config(config), model, out)
+
+
+@analyze.command("query-spans")
+@click.option("--before", required=True, type=click.Path(file_okay=False), help="Model before extension.")
+@click.option("--after", required=True, type=click.Path(file_okay=False), help="Model after extension.")
+@click.option("--windows", default=None, help="Phase windows to mark, e.g. 256,1024 "
+              "(default: the config's train.phases, else both models' max_position_embeddings).")
+@click.option("--config", "config", default=None, type=click.Path(dir_okay=False),
+              help="Run config: output under <run.out_dir>/analyze/query_spans, windows from train.phases.")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Output directory.")
+def analyze_query_spans(before: str, after: str, windows: str | None, config: str | None, out: str | None) -> None:
+    """Relative update of W_q and W_k per layer, head and RoPE frequency pair."""
+    from stages.analyze.query_spans import parse_windows, run_query_spans
+
+    run_query_spans(before, after, parse_windows(windows), load_config(config) if config else None, out)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,16 +84,95 @@ class PackConfig(Strict):
 # ----------------------------------------------------------------------------- teacher / cache
 
 
+class BootstrapTaskMix(Strict):
+    """Share of training rows of each kind (normalised; zero switches a kind off).
+
+    periodic:  a random segment (length in [min_period, max_period]) repeated to fill the
+               window; loss after the first period. Content-based copying emerges from it.
+    documents: synthetic documents (data.synthetic), BOS-separated and packed cross_doc,
+               loss everywhere: the teacher's distributions on the demo's own data.
+    needle:    a key+value record inside a haystack of synthetic documents, the key repeated
+               at the end; loss on the value only. The probe's format at trained distances.
+    """
+
+    periodic: float = Field(1.0, ge=0)
+    documents: float = Field(0.0, ge=0)
+    needle: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _some(self) -> "BootstrapTaskMix":
+        if self.periodic + self.documents + self.needle <= 0:
+            raise ValueError("at least one task weight must be > 0")
+        return self
+
+
+class BootstrapPhase(Strict):
+    window_len: int = Field(gt=1)
+    rope_theta: float = Field(gt=1)
+    steps: int = Field(gt=0)
+    batch_size: int | None = Field(None, gt=0)  # default: teacher.bootstrap.batch_size
+    lr: float | None = Field(None, gt=0)  # default: teacher.bootstrap.lr
+    min_period: int | None = Field(None, gt=0)  # default: teacher.bootstrap.min_period
+    max_period: int | None = Field(None, gt=0)  # default: window_len // 2
+    mix: BootstrapTaskMix | None = None  # default: teacher.bootstrap.mix
+    alphabets: list[str] | None = Field(None, min_length=1)  # default: teacher.bootstrap.alphabets
+
+    @model_validator(mode="after")
+    def _periods(self) -> "BootstrapPhase":
+        if self.max_period is not None and self.max_period >= self.window_len:
+            raise ValueError(f"max_period {self.max_period} must be < window_len {self.window_len}")
+        if self.min_period is not None and self.max_period is not None and self.min_period > self.max_period:
+            raise ValueError(f"min_period {self.min_period} is larger than max_period {self.max_period}")
+        return self
+
+
+class BootstrapProbe(Strict):
+    """The needle probe run after training; its numbers go into bootstrap.json."""
+
+    lengths: list[int] = Field(default_factory=lambda: [256, 512, 768, 1024])
+    depths: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+    trials: int = Field(32, gt=0)
+    seed: int = 1_000_003  # haystack documents: never the training seed
+
+    @field_validator("depths")
+    @classmethod
+    def _depths(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0.0 <= x <= 1.0 for x in v):
+            raise ValueError("must be a non-empty list of fractions in [0, 1]")
+        return v
+
+
 class BootstrapConfig(Strict):
     """Train a tiny long-context teacher locally (no model can be downloaded in the demo)."""
 
     hidden_size: int = Field(64, gt=0)
     num_hidden_layers: int = Field(2, gt=0)
     num_attention_heads: int = Field(4, gt=0)
-    # (window_len, rope_theta, steps) per phase, trained phase-wise like the students.
-    phases: list[dict[str, Any]] = Field(default_factory=list)
+    intermediate_size: int | None = Field(None, gt=0)  # default: 4 * hidden_size
+    # Trained phase-wise like the students: each phase sets its window and RoPE theta.
+    phases: list[BootstrapPhase] = Field(min_length=1)
     batch_size: int = Field(16, gt=0)
     lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    min_period: int = Field(4, gt=0)
+    # Token alphabets for periodic rows, one drawn per row: "bytes" (ids 0..255),
+    # "printable" (ASCII 32..126), "data" (data.synthetic.alphabet) or literal characters.
+    alphabets: list[str] = Field(default_factory=lambda: ["bytes"], min_length=1)
+    mix: BootstrapTaskMix = BootstrapTaskMix()
+    seed: int = 0
+    threads: int | None = Field(None, gt=0)  # torch threads; default: torch's choice
+    probe: BootstrapProbe = BootstrapProbe()
+
+    @field_validator("alphabets")
+    @classmethod
+    def _alphabets(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if a not in ("bytes", "printable", "data") and len(set(a)) < 2:
+                raise ValueError(f"alphabet {a!r} needs at least 2 distinct characters "
+                                 "(or use 'bytes', 'printable', 'data')")
+        return v
 
 
 class TeacherConfig(Strict):
@@ -103,6 +183,9 @@ class TeacherConfig(Strict):
     trust_remote_code: bool = False
     # Positions per top-k chunk: the [chunk, vocab] logits are the largest tensor built.
     chunk_len: int = Field(1024, gt=0)
+    batch_size: int = Field(1, gt=0)  # windows per teacher forward
+    # transformers attn_implementation ("sdpa", "eager", "flash_attention_2"); None: its default.
+    attn_implementation: str | None = None
     bootstrap: BootstrapConfig | None = None
 
 
@@ -113,8 +196,16 @@ class CacheConfig(Strict):
     samples: int = Field(16, gt=0)  # draws per position when kind == sampled
     temperature: float = Field(1.0, gt=0)
     windows_per_shard: int = Field(64, gt=0)
+    # Windows per Parquet row group: the reader's unit of shuffling and sharding across ranks.
+    windows_per_row_group: int = Field(4, gt=0)
     codec: Literal["plain", "compact"] = "plain"
-    max_retries: int = Field(3, ge=0)
+    max_retries: int = Field(3, ge=0)  # retries of one shard whose actor died
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "CacheConfig":
+        if self.kind == "sampled" and self.samples > 32767:
+            raise ValueError("samples must be <= 32767 (counts are stored as int16)")
+        return self
 
 
 # ----------------------------------------------------------------------------- student / train
@@ -210,27 +301,95 @@ class TrainConfig(Strict):
 
 
 class EvalConfig(Strict):
+    """Retrieval probes (passkey, needle) over lengths x depths, and loss by position."""
+
     lengths: list[int] = Field(default_factory=lambda: [256, 512, 1024, 2048])
     depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     trials: int = Field(8, gt=0)
     tasks: list[Literal["passkey", "needle"]] = Field(default_factory=lambda: ["passkey", "needle"])
     threshold: float = Field(0.856, gt=0, le=1)  # RULER's effective-length bar
-    loss_windows: int = Field(16, gt=0)
+    loss_windows: int = Field(16, ge=0)  # held-out packed windows for loss by position; 0: skip
     loss_buckets: int = Field(16, gt=0)
+    loss_window_len: int | None = Field(None, gt=1)  # default: max(eval.lengths)
+    tile: int = Field(1024, gt=0)  # positions per lm_head tile: [tile, vocab] is the largest logits tensor
+    batch_tokens: int = Field(32768, gt=0)  # probes per forward = max(1, batch_tokens // length)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"  # auto (cuda when present), cpu, cuda, cuda:N
+    # Haystack documents and held-out windows; default: the top-level data section.
+    data: DataConfig | None = None
+    heldout_seed: int | None = None  # default: run.seed + 1 (never the training seed)
 
     @field_validator("lengths")
     @classmethod
     def _lengths(cls, v: list[int]) -> list[int]:
         if not v or any(x <= 0 for x in v):
             raise ValueError("must be a non-empty list of positive lengths")
-        return v
+        return sorted(set(v))
 
     @field_validator("depths")
     @classmethod
     def _depths(cls, v: list[float]) -> list[float]:
         if not v or any(not 0.0 <= x <= 1.0 for x in v):
             raise ValueError("must be a non-empty list of fractions in [0, 1]")
+        return sorted(set(v))
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
         return v
+
+
+class PerturbConfig(Strict):
+    """The seed paper's positional probe on packed repeated token sequences.
+
+    target query: every query is rotated as if it sat delta positions later (RoPE is
+    relative, so each query-key distance grows by delta); key: keys as if delta later
+    (distances shrink by delta); gap: the position ids of the window's second half jump by
+    delta (distances across the middle grow by delta, within each half unchanged).
+    """
+
+    deltas: list[int] = Field(default_factory=lambda: [0, 1, 2, 4, 8, 16, 32, 64, 128, 256])
+    target: Literal["query", "key", "gap"] = "query"
+    layers: list[int] | None = None  # layers whose queries/keys are perturbed; default: all
+    window_len: int | None = Field(None, gt=1)  # default: pack.window_len
+    windows: int = Field(4, gt=0)
+    segment_len: tuple[int, int] = (16, 128)  # length of each repeated random sequence
+    repeats: int = Field(2, ge=2)  # copies of each sequence
+    logit_lens: bool = True  # KL of every layer's read-out, not only the output's
+
+    @field_validator("segment_len")
+    @classmethod
+    def _segment(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 1 or v[0] > v[1]:
+            raise ValueError("must be [min, max] with 1 <= min <= max")
+        return v
+
+    @model_validator(mode="after")
+    def _gap(self) -> "PerturbConfig":
+        if not self.deltas:
+            raise ValueError("deltas: must list at least one offset")
+        if self.target == "gap" and any(d < 0 for d in self.deltas):
+            raise ValueError("deltas: target 'gap' needs offsets >= 0 (positions must increase)")
+        if self.target == "gap" and self.layers is not None:
+            raise ValueError("layers: only for target 'query' or 'key' (a gap moves positions in every layer)")
+        return self
+
+
+class QuerySpansConfig(Strict):
+    windows: list[int] | None = None  # phase windows to mark; default: train.phases' window_len
+    top: int = Field(5, gt=0)  # how many most-moved spans to name
+
+
+class AnalyzeConfig(Strict):
+    perturb: PerturbConfig = PerturbConfig()
+    query_spans: QuerySpansConfig = QuerySpansConfig()
 
 
 class ClusterConfig(Strict):
@@ -249,6 +408,7 @@ class Config(Strict):
     student: StudentConfig | None = None
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    analyze: AnalyzeConfig = AnalyzeConfig()
     cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
@@ -348,6 +508,17 @@ def parse_config(raw: Any, source: str = "<config>") -> Config:
 
 
 def load_config(path: str | Path) -> Config:
+    """Load from a YAML file, or from an environment variable as ``env:NAME`` (how submitted
+    Ray jobs receive their config without shipping files outside the project)."""
+    if str(path).startswith("env:"):
+        name = str(path)[4:]
+        if name not in os.environ:
+            raise UserError(f"config: environment variable {name} is not set")
+        try:
+            raw = yaml.safe_load(os.environ[name])
+        except yaml.YAMLError as err:
+            raise UserError(f"{path}: not valid YAML: {err}") from None
+        return parse_config(raw, str(path))
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file not found: {p}")

@@ -1,0 +1,141 @@
+"""A real local Ray head on loopback with token authentication (`posdistill cluster up|down|status`).
+
+Ray resolves ``--node-ip-address 127.0.0.1`` to the machine's outward address for
+``ray start``; ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes it keep loopback, so the GCS,
+dashboard and client server all listen on 127.0.0.1 only. ``RAY_AUTH_MODE=token`` turns on
+token auth (``ray start`` leaves it off otherwise) and creates ``~/.ray/auth_token``.
+
+``down`` stops exactly the processes ``up`` started: every process whose command line
+names this head's temp dir, and their descendants — never other Ray instances.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cluster.auth import DEFAULT_TOKEN_PATH, client_headers
+from pipeline.atomic import atomic_write_json
+from pipeline.errors import UserError
+
+STATE_DIR = Path(os.environ.get("POSDISTILL_STATE_DIR", Path.home() / ".posdistill"))
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+
+
+@dataclass
+class HeadInfo:
+    gcs_address: str
+    dashboard: str
+    temp_dir: str
+    token_path: str
+    started_at: float
+
+
+def _state_file(state_dir: Path) -> Path:
+    return state_dir / "head.json"
+
+
+def read_state(state_dir: Path = STATE_DIR) -> HeadInfo | None:
+    f = _state_file(state_dir)
+    return HeadInfo(**json.loads(f.read_text())) if f.is_file() else None
+
+
+def _our_processes(temp_dir: str) -> list:
+    import psutil
+
+    roots = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in arg for arg in (p.info["cmdline"] or [])):
+                roots.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    procs = {p.pid: p for p in roots}
+    for r in roots:
+        try:
+            procs.update({c.pid: c for c in r.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    return [p for p in procs.values() if p.pid != os.getpid()]
+
+
+def dashboard_alive(url: str, timeout: float = 2.0) -> bool:
+    req = urllib.request.Request(f"{url}/api/version", headers=client_headers())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout):
+            return True
+    except Exception:
+        return False
+
+
+def head_up(port: int = 6379, dashboard_port: int = 8265, num_cpus: int | None = None,
+            num_gpus: int | None = None, state_dir: Path = STATE_DIR) -> HeadInfo:
+    existing = read_state(state_dir)
+    if existing and dashboard_alive(existing.dashboard):
+        return existing
+    state_dir.mkdir(parents=True, exist_ok=True)
+    # Ray's socket paths must stay short (AF_UNIX limit), so the temp dir lives under /tmp.
+    temp_dir = f"/tmp/posdistill-ray-{port}"
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
+           "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+           "--port", str(port), "--dashboard-port", str(dashboard_port),
+           "--temp-dir", temp_dir, "--disable-usage-stats"]
+    if num_cpus is not None:
+        cmd += ["--num-cpus", str(num_cpus)]
+    if num_gpus is not None:
+        cmd += ["--num-gpus", str(num_gpus)]
+    env = {**os.environ, **LOOPBACK_ENV}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-5:])
+        raise UserError(f"ray start failed (port {port}, dashboard {dashboard_port}):\n{tail}")
+    info = HeadInfo(gcs_address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dashboard_port}",
+                    temp_dir=temp_dir, token_path=str(DEFAULT_TOKEN_PATH), started_at=time.time())
+    atomic_write_json(_state_file(state_dir), asdict(info))
+    deadline = time.monotonic() + 60
+    while not dashboard_alive(info.dashboard):
+        if time.monotonic() > deadline:
+            raise UserError(f"Ray head started but its dashboard {info.dashboard} did not answer within 60 s")
+        time.sleep(0.5)
+    return info
+
+
+def head_down(state_dir: Path = STATE_DIR, timeout: float = 20.0) -> int:
+    """Stop what ``head_up`` started; returns how many processes were stopped."""
+    import psutil
+
+    info = read_state(state_dir)
+    if info is None:
+        return 0
+    procs = _our_processes(info.temp_dir)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    _state_file(state_dir).unlink(missing_ok=True)
+    shutil.rmtree(info.temp_dir, ignore_errors=True)
+    return len(procs)
+
+
+def head_status(state_dir: Path = STATE_DIR) -> dict:
+    info = read_state(state_dir)
+    if info is None:
+        return {"running": False}
+    return {"running": dashboard_alive(info.dashboard), "processes": len(_our_processes(info.temp_dir)),
+            **asdict(info)}

@@ -1,0 +1,98 @@
+"""A real local Ray head on loopback: jobs are submitted, deduplicated, authenticated, stopped."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+PORT, DASH = 6411, 8411
+ADDRESS = f"http://127.0.0.1:{DASH}"
+
+
+def cli(*args, env=None, check=True):
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                         env={**os.environ, **(env or {})}, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{args} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    state = tmp_path_factory.mktemp("state")
+    env = {"POSDISTILL_STATE_DIR": str(state)}
+    up = cli("cluster", "up", "--port", str(PORT), "--dashboard-port", str(DASH), "--num-cpus", "2", env=env)
+    assert "127.0.0.1" in up.stdout and "token authentication: on" in up.stdout
+    yield env
+    cli("cluster", "down", env=env)
+
+
+def _listening_addresses(pids):
+    addrs = set()
+    for pid in pids:
+        try:
+            for c in psutil.Process(pid).net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN:
+                    addrs.add(c.laddr.ip)
+        except psutil.Error:
+            pass
+    return addrs
+
+
+def test_head_binds_loopback_only(head):
+    status = json.loads(cli("cluster", "status", env=head).stdout)
+    assert status["running"] and status["gcs_address"] == f"127.0.0.1:{PORT}"
+    from cluster.head import _our_processes
+    addrs = _listening_addresses([p.pid for p in _our_processes(status["temp_dir"])])
+    assert addrs and all(a in ("127.0.0.1", "::ffff:127.0.0.1") for a in addrs), addrs
+
+
+def test_submit_dedup_and_auth(head, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"run": {"name": "jobtest", "out_dir": str(tmp_path / "run")},
+                                   "data": {"synthetic": {"num_docs": 100}},
+                                   "pack": {"window_len": 128, "doc_len": [16, 64]}}))
+    first = cli("submit", "pack", str(cfg), "--address", ADDRESS, "--follow", env=head)
+    assert "submitted: posdistill-pack-" in first.stdout and first.stdout.rstrip().endswith("SUCCEEDED")
+    assert "pack: wrote" in first.stdout
+    sid = first.stdout.split("submitted: ")[1].split()[0]
+    again = cli("submit", "pack", str(cfg), "--address", ADDRESS, env=head)
+    assert again.stdout.startswith(f"already submitted: {sid}")
+    listed = cli("jobs", "list", "--address", ADDRESS, env=head).stdout
+    assert listed.count(sid) == 1
+    # A client without the token is refused with one clear message, and nothing prints a token.
+    no_token = cli("jobs", "list", "--address", ADDRESS, check=False,
+                   env={"HOME": str(tmp_path), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "none")})
+    assert no_token.returncode == 2
+    assert "requires token authentication" in no_token.stderr and "RAY_AUTH_TOKEN" in no_token.stderr
+    token = open(os.path.expanduser("~/.ray/auth_token")).read().strip()
+    assert token not in first.stdout + first.stderr + no_token.stderr
+
+
+def test_failed_job_gets_new_attempt(head, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"run": {"out_dir": str(tmp_path / "run")},
+                                   "data": {"source": str(tmp_path / "missing.jsonl")},
+                                   "pack": {"window_len": 128, "doc_len": [16, 64]}}))
+    first = cli("submit", "pack", str(cfg), "--address", ADDRESS, "--follow", env=head, check=False)
+    assert first.returncode == 1 and "FAILED" in first.stdout and "data.source" in first.stdout
+    second = cli("submit", "pack", str(cfg), "--address", ADDRESS, env=head, check=False)
+    assert second.stdout.startswith("submitted: ") and second.stdout.split()[1].endswith("-2")
+
+
+def test_down_leaves_nothing(tmp_path):
+    env = {"POSDISTILL_STATE_DIR": str(tmp_path)}
+    cli("cluster", "up", "--port", str(PORT + 1), "--dashboard-port", str(DASH + 1), "--num-cpus", "1", env=env)
+    temp_dir = json.loads(cli("cluster", "status", env=env).stdout)["temp_dir"]
+    cli("cluster", "down", env=env)
+    from cluster.head import _our_processes
+    time.sleep(0.5)
+    assert _our_processes(temp_dir) == []
+    assert json.loads(cli("cluster", "status", env=env).stdout) == {"running": False}
