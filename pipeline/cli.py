@@ -242,6 +242,23 @@ def analyze_query_spans(before: str, after: str, windows: str | None, config: st
     run_query_spans(before, after, parse_windows(windows), load_config(config) if config else None, out)
 
 
+@cli.command()
+@config_arg
+@click.option("--teacher-config", default=None,
+              help="The teacher's config.json when teacher.model is not on this machine.")
+@click.option("--student-config", default=None,
+              help="The student's config.json when student.init is not on this machine.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(config: str, teacher_config: str | None, student_config: str | None, as_json: bool) -> None:
+    """Estimate cache size, teacher GPU-hours and student memory per GPU before spending GPUs."""
+    import json
+
+    from pipeline.plan import format_plan, make_plan
+
+    result = make_plan(load_config(config), teacher_config, student_config)
+    click.echo(json.dumps(result, indent=2) if as_json else format_plan(result))
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

@@ -392,6 +392,15 @@ class AnalyzeConfig(Strict):
     query_spans: QuerySpansConfig = QuerySpansConfig()
 
 
+class PlanConfig(Strict):
+    """Hardware assumptions for `posdistill plan` (defaults: an 8x H100 80GB node, bf16 dense)."""
+
+    num_gpus: int = Field(8, gt=0)
+    gpu_memory_gb: float = Field(80, gt=0)
+    gpu_tflops: float = Field(989, gt=0)
+    mfu: float = Field(0.4, gt=0, le=1)
+
+
 class ClusterConfig(Strict):
     address: str = "local"  # "local" starts an embedded Ray on 127.0.0.1
 
@@ -410,6 +419,7 @@ class Config(Strict):
     eval: EvalConfig = EvalConfig()
     analyze: AnalyzeConfig = AnalyzeConfig()
     cluster: ClusterConfig = ClusterConfig()
+    plan: PlanConfig = PlanConfig()
 
     @model_validator(mode="after")
     def _phases_fit_docs(self) -> "Config":
