@@ -259,6 +259,61 @@ def plan(config: str, teacher_config: str | None, student_config: str | None, as
     click.echo(json.dumps(result, indent=2) if as_json else format_plan(result))
 
 
+# ----------------------------------------------------------------------------- cache
+
+
+@cli.group(cls=DefaultGroup, default_cmd="run")
+def cache() -> None:
+    """Teacher logit cache: `cache CONFIG` builds it; `cache verify DIR`, `cache info DIR` inspect it."""
+
+
+@cache.command("run")
+@config_arg
+@click.option("--address", default=None, help="Ray cluster to attach to (default: cluster.address; "
+              "'local' starts an embedded Ray on 127.0.0.1).")
+@click.option("--force", is_flag=True, help="Rebuild every shard.")
+@click.option("--phase", type=int, default=None, help="Cache the windows of train.phases[N] instead of pack.")
+def cache_run(config: str, address: str | None, force: bool, phase: int | None) -> None:
+    """Run the teacher over the packed windows (packs first if needed) into fingerprinted shards."""
+    from stages.cache.stage import run_cache
+
+    cfg = load_config(config)
+    if phase is not None and not 0 <= phase < len(cfg.train.phases):
+        raise UserError(f"--phase {phase}: the config has {len(cfg.train.phases)} train.phases")
+    address = address or (None if cfg.cluster.address == "local" else cfg.cluster.address)
+    click.echo(run_cache(cfg, phase_index=phase, address=address, force=force))
+
+
+@cache.command("verify")
+@click.argument("cache_dir", type=click.Path(file_okay=False))
+@click.option("--deep", is_flag=True, help="Also read every page and check its checksum.")
+def cache_verify(cache_dir: str, deep: bool) -> None:
+    """Check every shard's footer, fingerprint, completion flag, rows and window coverage."""
+    from stages.cache.verify import verify_cache
+
+    problems = verify_cache(cache_dir, deep=deep)
+    for name, reason in problems:
+        click.echo(f"BAD {name}: {reason}", err=True)
+    if problems:
+        click.echo(f"{cache_dir}: {len(problems)} problem(s); re-run `posdistill cache CONFIG` to regenerate "
+                   "the bad shards", err=True)
+        sys.exit(1)
+    click.echo(f"{cache_dir}: OK")
+
+
+@cache.command("info")
+@click.argument("cache_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def cache_info(cache_dir: str, as_json: bool) -> None:
+    """Windows, tokens, k, kind, codec, teacher, bytes per token and per entry."""
+    import json
+
+    from stages.cache.info import cache_summary, format_summary
+
+    summary = cache_summary(cache_dir)
+    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

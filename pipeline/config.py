@@ -225,6 +225,9 @@ class StudentArch(Strict):
 class StudentConfig(Strict):
     init: str | None = None  # local Hugging Face directory
     config: StudentArch | None = None
+    name: str | None = None  # run directory <run.out_dir>/train/<name>; default "student"
+    attn_implementation: str = "sdpa"  # sdpa, eager, flash_attention_2, ...
+    trust_remote_code: bool = False  # only for student.init
 
     @model_validator(mode="after")
     def _one(self) -> "StudentConfig":
@@ -262,8 +265,11 @@ class KDOverride(Strict):
 
 
 class PhaseConfig(Strict):
+    """One training phase: its window, RoPE, steps, and optional KD/data overrides.
+    ``kd.alpha: 0`` trains on packed windows with plain next-token CE and needs no cache."""
+
     name: str | None = None
-    window_len: int = Field(gt=0)
+    window_len: int = Field(gt=1)
     steps: int = Field(gt=0)
     rope: RopeConfig = RopeConfig()
     lr: float | None = Field(None, gt=0)
@@ -272,14 +278,25 @@ class PhaseConfig(Strict):
 
 
 class DeepSpeedConfig(Strict):
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    zero_stage: Literal[1, 2, 3] = 2
     offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
-    offload_param: Literal["none", "cpu", "nvme"] = "none"
+    offload_param: Literal["none", "cpu", "nvme"] = "none"  # ZeRO-3 only
     nvme_path: str | None = None
+    # Merged last into the generated DeepSpeed config (e.g. {"zero_optimization": {...}}).
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _offload(self) -> "DeepSpeedConfig":
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ValueError(f"offload_param needs zero_stage 3, got {self.zero_stage}")
+        if "nvme" in (self.offload_optimizer, self.offload_param) and not self.nvme_path:
+            raise ValueError("nvme offload needs nvme_path")
+        return self
 
 
 class TrainConfig(Strict):
     launcher: Literal["local", "ray"] = "local"
+    local_runner: Literal["torchrun", "deepspeed"] = "torchrun"  # how launcher "local" starts ranks
     workers: int | None = Field(None, gt=0)  # default: one per local GPU, 2 without one
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     batch_size: int = Field(8, gt=0)  # windows per optimizer step, all ranks together
@@ -292,9 +309,21 @@ class TrainConfig(Strict):
     save_every: int = Field(100, gt=0)
     sequence_parallel: int = Field(1, gt=0)
     gradient_checkpointing: bool = False
+    tiled_mlp: bool = False  # DeepSpeed TiledMLP: MLP activations bounded by one tile
     loss_tile: int = Field(1024, gt=0)  # positions per KD-loss tile
+    keep_checkpoints: int = Field(2, gt=0)  # newest complete checkpoints kept
+    prefetch: int = Field(4, gt=0)  # micro-batches read ahead by the loader thread
+    log_every_s: float = Field(10.0, gt=0)  # progress line interval (rank 0)
     kd: KDConfig = KDConfig()
     phases: list[PhaseConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _windows_split(self) -> "TrainConfig":
+        for i, phase in enumerate(self.phases):
+            if phase.window_len % self.sequence_parallel:
+                raise ValueError(f"phases[{i}].window_len {phase.window_len} is not divisible by "
+                                 f"sequence_parallel {self.sequence_parallel}")
+        return self
 
 
 # ----------------------------------------------------------------------------- eval / cluster

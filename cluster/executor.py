@@ -1,0 +1,136 @@
+"""Run cache shards on Ray: plain actors, one per teacher replica, fed from a shard queue.
+
+Placement: with GPUs in the cluster each actor takes ``teacher.gpus_per_actor`` GPUs (one
+actor per GPU group, or ``teacher.num_actors``); without, ``teacher.num_actors`` CPU actors
+(default one) share the cluster's CPUs, each running torch with that many threads.
+Faults: actors are created with unlimited restarts; when one dies mid-shard (OOM, segfault,
+a lost node) Ray restarts it (reloading the teacher) and the shard goes back to the front of
+the queue, up to ``cache.max_retries`` times per shard. The dead attempt left at most a
+hidden temp file, never a visible shard. An exception raised by the shard code itself is a
+bug or bad input, not a fault: it stops the job at once with its message.
+The per-shard work is ``stages.cache.stage.CacheWorker.run_shard``, the same routine the
+in-process ``LocalExecutor`` calls.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any, Callable
+
+from pipeline.config import TeacherConfig
+from pipeline.errors import UserError
+
+
+class _CacheActor:
+    """Ray actor body: one teacher replica."""
+
+    def __init__(self, job: Any, device: str, threads: int | None):
+        from stages.cache.stage import CacheWorker
+
+        self.worker = CacheWorker(job, device=device, threads=threads)
+
+    def ready(self) -> bool:
+        return True
+
+    def run_shard(self, index: int) -> dict[str, Any]:
+        return self.worker.run_shard(index)
+
+
+def placement(resources: dict[str, float], teacher: TeacherConfig, shards: int) -> tuple[int, dict[str, float], str, int | None]:
+    """(actors, per-actor resources, device, torch threads) for the cluster's resources."""
+    gpus, cpus = resources.get("GPU", 0.0), max(1.0, resources.get("CPU", 1.0))
+    if gpus > 0 and teacher.gpus_per_actor > 0:
+        n = teacher.num_actors or max(1, int(gpus // teacher.gpus_per_actor))
+        per, device, threads = {"num_gpus": teacher.gpus_per_actor, "num_cpus": 1}, "cuda", None
+    else:
+        n = teacher.num_actors or 1
+        threads = max(1, int(cpus // n))
+        per, device = {"num_cpus": threads}, "cpu"
+    return max(1, min(n, shards)), per, device, threads
+
+
+class RayExecutor:
+    def __init__(self, address: str | None, teacher: TeacherConfig, max_retries: int = 3, poll_s: float = 1.0):
+        self.address, self.teacher, self.max_retries, self.poll_s = address, teacher, max_retries, poll_s
+
+    def run(self, job: Any, todo: list[int], on_done: Callable[[dict[str, Any]], None]) -> None:
+        import ray
+
+        from cluster.local import ray_session
+
+        with ray_session(self.address):
+            n, per, device, threads = placement(ray.cluster_resources(), self.teacher, len(todo))
+            Actor = ray.remote(_CacheActor)
+            actors = [Actor.options(**per, max_restarts=-1, max_task_retries=0).remote(job, device, threads)
+                      for _ in range(n)]
+            try:
+                self._wait_ready(actors)
+                self._drive(actors, job, todo, on_done)
+            finally:
+                for a in actors:
+                    ray.kill(a, no_restart=True)
+
+    @staticmethod
+    def _wait_ready(actors: list[Any]) -> None:
+        import ray
+
+        try:
+            ray.get([a.ready.remote() for a in actors])
+        except ray.exceptions.RayError as err:
+            raise _user_error(err, "teacher actor failed to start") from None
+
+    def _drive(self, actors: list[Any], job: Any, todo: list[int], on_done: Callable[[dict[str, Any]], None]) -> None:
+        import ray
+
+        queue = collections.deque(todo)
+        attempts: collections.Counter[int] = collections.Counter()
+        idle = list(range(len(actors)))
+        inflight: dict[Any, tuple[int, int]] = {}  # ref -> (actor, shard)
+        while queue or inflight:
+            while queue and idle:
+                a, shard = idle.pop(), queue.popleft()
+                inflight[actors[a].run_shard.remote(shard)] = (a, shard)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=self.poll_s)
+            for ref in ready:
+                a, shard = inflight.pop(ref)
+                try:
+                    on_done(ray.get(ref))
+                except ray.exceptions.RayActorError as err:  # the process died: restart and retry
+                    attempts[shard] += 1
+                    if attempts[shard] > self.max_retries:
+                        raise UserError(f"cache: shard {shard} failed {attempts[shard]} times (teacher actor died: "
+                                        f"{str(err).splitlines()[0][:200]}); giving up (cache.max_retries="
+                                        f"{self.max_retries})") from None
+                    print(f"cache: teacher actor died on shard {shard}; retrying "
+                          f"({attempts[shard]}/{self.max_retries})", flush=True)
+                    queue.appendleft(shard)
+                    self._await_restart(actors[a])
+                except ray.exceptions.RayTaskError as err:
+                    raise _user_error(err, f"shard {shard} failed") from None
+                idle.append(a)
+
+    @staticmethod
+    def _await_restart(actor: Any, timeout: float = 600.0) -> None:
+        """Block until Ray has restarted the actor (reloading a large teacher takes a while)."""
+        import ray
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ray.get(actor.ready.remote(), timeout=timeout)
+                return
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise UserError("cache: a teacher actor did not come back after a crash") from None
+                time.sleep(0.5)
+
+
+def _user_error(err: Exception, what: str) -> Exception:
+    """Surface the original exception: a UserError keeps its message, anything else says what failed."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, UserError):
+        return UserError(str(cause))
+    if isinstance(err, UserError):
+        return err
+    return RuntimeError(f"cache: {what}: {str(err).strip().splitlines()[-1][:500] if str(err).strip() else err!r}")

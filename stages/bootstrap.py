@@ -1,0 +1,494 @@
+"""Teacher bootstrap: train a tiny long-context teacher that retrieves by content.
+
+No pretrained model can be downloaded in the demo, so the teacher is trained here, on CPU,
+phase-wise like the students (a short window with a small RoPE theta, then a longer window
+with a larger theta), and saved as a Hugging Face directory that the rest of the pipeline
+treats like any other teacher.
+
+Why these tasks (measured, see docs/teacher.md): a fixed copy distance is learned as a
+positional offset, and single copies at random distances in random text stay at chance for
+a thousand steps. Periodic rows - a random segment of random length repeated to fill the
+window - make every position after the first period a copy at a distance the model must
+find from content; an induction mechanism emerges from them after a plateau, and then
+transfers to formats never trained on (a key/value needle in a haystack of documents).
+
+The needle probe below is the agreed eval format (docs/teacher.md): haystack of held-out
+synthetic documents, needle = key (8 chars) + value (8 chars) at depth d, the context ends
+with the key, the model must continue with the value.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from pipeline.atomic import atomic_dir, atomic_write_json
+from pipeline.config import BootstrapConfig, BootstrapPhase, BootstrapTaskMix, Config, SyntheticConfig
+from pipeline.errors import UserError
+from pipeline.fingerprint import FORMAT_VERSION, fingerprint
+from pipeline.progress import Progress
+from stages.corpus import synthetic_document
+from stages.tokenizer import BYTE_SPECIALS, BYTE_VOCAB_SIZE, build_byte_tokenizer
+
+PAD_ID = 256 + BYTE_SPECIALS.index("<pad>")
+BOS_ID = 256 + BYTE_SPECIALS.index("<s>")
+EOS_ID = 256 + BYTE_SPECIALS.index("</s>")
+IGNORE = -100  # label that HF's causal-LM loss skips
+META_FILE = "bootstrap.json"
+HEATMAP_FILE = "heatmap.png"
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_model(boot: BootstrapConfig, rope_theta: float, max_positions: int) -> Any:
+    """A tiny Llama on the byte vocabulary (260 ids), seeded by the caller."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=BYTE_VOCAB_SIZE,
+        hidden_size=boot.hidden_size,
+        intermediate_size=boot.intermediate_size or 4 * boot.hidden_size,
+        num_hidden_layers=boot.num_hidden_layers,
+        num_attention_heads=boot.num_attention_heads,
+        num_key_value_heads=boot.num_attention_heads,
+        max_position_embeddings=max_positions,
+        rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta)},
+        tie_word_embeddings=False,
+        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+        use_cache=False,
+    )
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg)
+
+
+def set_rope_theta(model: Any, theta: float, max_positions: int) -> None:
+    """Write complete rope_parameters and rebuild the rotary embedding.
+
+    transformers 5 computes the rotary frequencies when the module is built, so changing
+    the config alone changes nothing (NOTES.md).
+    """
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    model.config.rope_parameters = {"rope_type": "default", "rope_theta": float(theta)}
+    model.config.max_position_embeddings = max(max_positions, model.config.max_position_embeddings)
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=model.config)
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def alphabet_ids(spec: str, data_alphabet: str) -> torch.Tensor:
+    """Token ids a periodic row draws from ("bytes", "printable", "data" or literal chars)."""
+    if spec == "bytes":
+        return torch.arange(256)
+    if spec == "printable":
+        return torch.arange(32, 127)
+    chars = data_alphabet if spec == "data" else spec
+    return torch.tensor(sorted(set(chars.encode("utf-8"))))
+
+
+def periodic_row(gen: torch.Generator, window: int, min_p: int, max_p: int,
+                 alphabet: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random segment repeated to fill the window; labels only after the first period."""
+    p = int(torch.randint(min_p, max_p + 1, (1,), generator=gen))
+    seg = alphabet[torch.randint(len(alphabet), (p,), generator=gen)]  # [p]
+    ids = seg.repeat(window // p + 1)[:window]  # [window]
+    labels = ids.clone()
+    labels[:p] = IGNORE
+    return ids, labels
+
+
+def encode(text: str) -> list[int]:
+    """Byte-tokenizer ids without loading the tokenizer (ids 0..255 are the bytes)."""
+    return list(text.encode("utf-8"))
+
+
+class DocumentStream:
+    """An endless stream of BOS-prefixed synthetic documents as byte ids."""
+
+    def __init__(self, syn: SyntheticConfig, doc_len: tuple[int, int], seed: int):
+        self.syn, self.doc_len = syn, doc_len
+        self.rng = random.Random(seed)
+        self.buf: list[int] = []
+
+    def take(self, n: int) -> list[int]:
+        while len(self.buf) < n:
+            length = self.rng.randint(*self.doc_len)
+            self.buf += [BOS_ID] + encode(synthetic_document(self.rng, self.syn, length))
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+
+def document_row(docs: DocumentStream, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.tensor(docs.take(window))
+    labels = ids.clone()
+    labels[ids == BOS_ID] = IGNORE  # the next document's start is not predictable
+    return ids, labels
+
+
+def needle_context(haystack: list[int], key: list[int], value: list[int], length: int,
+                   depth: float) -> tuple[list[int], int]:
+    """Context of exactly ``length`` ids ending with the key; returns it and the needle's start.
+
+    The needle (key + value) sits at fraction ``depth`` of the haystack, so the distance
+    from the needle to the query is about (1 - depth) * length.
+    """
+    room = length - len(key) - len(value) - len(key)
+    if room < 0:
+        raise ValueError(f"context length {length} is too short for the needle")
+    hay = haystack[:room]
+    at = int(round(depth * room))
+    ctx = hay[:at] + key + value + hay[at:] + key
+    return ctx, at
+
+
+def needle_row(gen: torch.Generator, docs: DocumentStream, window: int, alphabet: torch.Tensor,
+               key_len: int = 8, value_len: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """A needle in a haystack of documents, trained on the value after the final key."""
+    kv = alphabet[torch.randint(len(alphabet), (key_len + value_len,), generator=gen)].tolist()
+    key, value = kv[:key_len], kv[key_len:]
+    depth = float(torch.rand((), generator=gen))
+    ctx, _ = needle_context(docs.take(window), key, value, window - value_len, depth)
+    ids = torch.tensor(ctx + value)  # [window]
+    labels = torch.full_like(ids, IGNORE)
+    labels[-value_len:] = ids[-value_len:]
+    return ids, labels
+
+
+@dataclass
+class PhaseSampler:
+    """Draws training batches for one phase; each row picks its task from the mix."""
+
+    window: int
+    min_p: int
+    max_p: int
+    mix: BootstrapTaskMix
+    alphabets: list[torch.Tensor]
+    data_alphabet: torch.Tensor
+    docs: DocumentStream
+    gen: torch.Generator
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = torch.tensor([self.mix.periodic, self.mix.documents, self.mix.needle])
+        kinds = torch.multinomial(weights, size, replacement=True, generator=self.gen).tolist()
+        rows = []
+        for kind in kinds:
+            if kind == 0:
+                a = self.alphabets[int(torch.randint(len(self.alphabets), (1,), generator=self.gen))]
+                rows.append(periodic_row(self.gen, self.window, self.min_p, self.max_p, a))
+            elif kind == 1:
+                rows.append(document_row(self.docs, self.window))
+            else:
+                rows.append(needle_row(self.gen, self.docs, self.window, self.data_alphabet))
+        ids = torch.stack([r[0] for r in rows])  # [B, T]
+        labels = torch.stack([r[1] for r in rows])  # [B, T]
+        return ids, labels
+
+
+# ----------------------------------------------------------------------------- probes
+
+
+@torch.no_grad()
+def score_answers(model: Any, contexts: list[list[int]], answers: list[list[int]]) -> dict[str, list]:
+    """Teacher-forced scoring of ``answer`` after each context (all the same lengths).
+
+    Greedy exact match equals "argmax correct at every answer position" under teacher
+    forcing: greedy decoding diverges exactly at the first wrong argmax.
+    """
+    a_len = len(answers[0])
+    ids = torch.tensor([c + a[:-1] for c, a in zip(contexts, answers)])  # [N, L + a - 1]
+    target = torch.tensor(answers)  # [N, a]
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    logits = model(input_ids=ids, position_ids=pos, logits_to_keep=a_len).logits.float()  # [N, a, V]
+    logp = torch.log_softmax(logits, dim=-1)
+    tgt_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # [N, a]
+    rank = (logp > tgt_logp.unsqueeze(-1)).sum(-1)  # [N, a], 0 = the argmax
+    return {
+        "exact": (rank == 0).all(-1).tolist(),
+        "token_acc": (rank == 0).float().mean(-1).tolist(),
+        "logprob": tgt_logp.sum(-1).tolist(),
+        "rank": rank.float().mean(-1).tolist(),
+    }
+
+
+def needle_probe(model: Any, syn: SyntheticConfig, doc_len: tuple[int, int], lengths: list[int],
+                 depths: list[float], trials: int, seed: int, batch: int = 16) -> dict[str, Any]:
+    """Needle accuracy per (length, depth) on haystacks of held-out synthetic documents."""
+    model.eval()
+    alphabet = sorted(set(syn.alphabet.encode("utf-8")))
+    cells = []
+    for length in lengths:
+        for depth in depths:
+            rng = random.Random(f"{seed}-{length}-{depth}")
+            docs = DocumentStream(syn, doc_len, seed=rng.randrange(1 << 30))
+            ctxs, answers, dists = [], [], []
+            for _ in range(trials):
+                key = [rng.choice(alphabet) for _ in range(8)]
+                value = [rng.choice(alphabet) for _ in range(8)]
+                ctx, at = needle_context(docs.take(length), key, value, length, depth)
+                ctxs.append(ctx)
+                answers.append(value)
+                dists.append(length - (at + len(key)))  # query end to the value's start
+            cells.append(_score_cell(model, ctxs, answers, batch) | {
+                "length": length, "depth": depth, "distance": sum(dists) / len(dists)})
+    return {"task": "needle", "trials": trials, "cells": cells}
+
+
+def passkey_probe(model: Any, lengths: list[int], depths: list[float], trials: int, seed: int,
+                  batch: int = 16) -> dict[str, Any]:
+    """Passkey accuracy: ``pass key: NNNNN.`` in a repeated filler, asked with ``pass key: ``."""
+    model.eval()
+    filler = encode(PASSKEY_FILLER)
+    cells = []
+    for length in lengths:
+        for depth in depths:
+            rng = random.Random(f"{seed}-passkey-{length}-{depth}")
+            ctxs, answers = [], []
+            query = encode("pass key: ")
+            for _ in range(trials):
+                digits = encode(f"{rng.randrange(100000):05d}")
+                needle = query + digits + encode(".")
+                hay = (filler * (length // len(filler) + 2))
+                room = length - len(needle) - len(query)
+                at = int(round(depth * room))
+                ctx = hay[:at] + needle + hay[at:room] + query
+                ctxs.append(ctx)
+                answers.append(digits)
+            cells.append(_score_cell(model, ctxs, answers, batch) | {"length": length, "depth": depth})
+    return {"task": "passkey", "trials": trials, "cells": cells}
+
+
+def _score_cell(model: Any, ctxs: list[list[int]], answers: list[list[int]], batch: int) -> dict[str, float]:
+    acc: dict[str, list] = {"exact": [], "token_acc": [], "logprob": [], "rank": []}
+    for i in range(0, len(ctxs), batch):
+        out = score_answers(model, ctxs[i:i + batch], answers[i:i + batch])
+        for k in acc:
+            acc[k] += out[k]
+    n = len(ctxs)
+    return {"accuracy": sum(acc["exact"]) / n, "token_acc": sum(acc["token_acc"]) / n,
+            "logprob": sum(acc["logprob"]) / n, "mean_rank": sum(acc["rank"]) / n}
+
+
+def accuracy_grid(probe: dict[str, Any], key: str = "accuracy") -> dict[str, dict[str, float]]:
+    """{length: {depth: value}} for tables and heatmaps."""
+    grid: dict[str, dict[str, float]] = {}
+    for c in probe["cells"]:
+        grid.setdefault(str(c["length"]), {})[f"{c['depth']:g}"] = round(c[key], 4)
+    return grid
+
+
+def save_heatmap(probe: dict[str, Any], path: Path, title: str) -> None:
+    """Depth x length heatmap of exact-match accuracy, each cell annotated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({c["length"] for c in probe["cells"]})
+    depths = sorted({c["depth"] for c in probe["cells"]})
+    grid = [[0.0] * len(lengths) for _ in depths]
+    for c in probe["cells"]:
+        grid[depths.index(c["depth"])][lengths.index(c["length"])] = c["accuracy"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.5 * len(depths) + 1.5))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(title, fontsize=9)
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label="exact match")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _phase_settings(boot: BootstrapConfig, phase: BootstrapPhase) -> dict[str, Any]:
+    return {
+        "window_len": phase.window_len,
+        "rope_theta": phase.rope_theta,
+        "steps": phase.steps,
+        "batch_size": phase.batch_size or boot.batch_size,
+        "lr": phase.lr or boot.lr,
+        "min_period": phase.min_period or boot.min_period,
+        "max_period": phase.max_period or phase.window_len // 2,
+        "mix": (phase.mix or boot.mix).model_dump(),
+        "alphabets": phase.alphabets or boot.alphabets,
+    }
+
+
+def train_teacher(cfg: Config, log: list[dict[str, Any]] | None = None, progress: bool = True,
+                  callback: Callable[[Any, int, int], None] | None = None) -> Any:
+    """Train the teacher phase by phase; returns the model (config holds the last theta)."""
+    boot = cfg.teacher.bootstrap
+    assert boot is not None
+    if boot.threads:
+        torch.set_num_threads(boot.threads)
+    torch.manual_seed(boot.seed)
+    max_window = max(p.window_len for p in boot.phases)
+    model = build_model(boot, boot.phases[0].rope_theta, max_window)
+    opt = torch.optim.AdamW(model.parameters(), lr=boot.lr, weight_decay=boot.weight_decay,
+                            betas=(0.9, 0.98))
+    syn = cfg.data.synthetic
+    data_alphabet = alphabet_ids("data", syn.alphabet)
+    docs = DocumentStream(syn, cfg.pack.doc_len, seed=boot.seed)
+    gen = torch.Generator().manual_seed(boot.seed)
+    log = log if log is not None else []
+    step_total = 0
+    for index, phase in enumerate(boot.phases):
+        s = _phase_settings(boot, phase)
+        if s["min_period"] > s["max_period"]:
+            raise UserError(f"teacher.bootstrap.phases[{index}]: min_period {s['min_period']} "
+                            f"is larger than max_period {s['max_period']}")
+        set_rope_theta(model, s["rope_theta"], max_window)
+        sampler = PhaseSampler(
+            window=s["window_len"], min_p=s["min_period"], max_p=s["max_period"],
+            mix=phase.mix or boot.mix,
+            alphabets=[alphabet_ids(a, syn.alphabet) for a in s["alphabets"]],
+            data_alphabet=data_alphabet, docs=docs, gen=gen)
+        model.train()
+        bar = Progress(f"bootstrap phase {index} (window {s['window_len']}, theta {s['rope_theta']:g})",
+                       s["steps"], unit="steps", enabled=progress)
+        t0, ema = time.monotonic(), None
+        for step in range(s["steps"]):
+            lr = s["lr"] * min(1.0, (step + 1) / max(1, boot.warmup_steps))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            ids, labels = sampler.batch(s["batch_size"])  # [B, T] each
+            loss = model(input_ids=ids, labels=labels).loss
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"bootstrap phase {index} step {step}: loss is {loss.item()}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if boot.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), boot.grad_clip)
+            opt.step()
+            step_total += 1
+            ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
+            if step % 25 == 0 or step == s["steps"] - 1:
+                log.append({"phase": index, "step": step, "global_step": step_total,
+                            "loss": round(loss.item(), 4), "loss_ema": round(ema, 4),
+                            "elapsed_s": round(time.monotonic() - t0, 1)})
+            bar.update(1, amount=ids.numel())
+            if callback is not None:
+                callback(model, index, step)
+        bar.close()
+        log.append({"phase": index, "done": True, "seconds": round(time.monotonic() - t0, 1),
+                    "settings": s})
+    model.eval()
+    return model
+
+
+def bootstrap_identity(cfg: Config) -> dict[str, Any]:
+    assert cfg.teacher.bootstrap is not None
+    return {
+        "bootstrap": cfg.teacher.bootstrap.model_dump(mode="json"),
+        "synthetic": cfg.data.synthetic.model_dump(mode="json"),
+        "doc_len": list(cfg.pack.doc_len),
+        "format": FORMAT_VERSION["bootstrap"],
+    }
+
+
+def bootstrap_out_dir(cfg: Config, out: str | None) -> Path:
+    if out:
+        return Path(out)
+    if cfg.teacher.model:
+        return Path(cfg.teacher.model)
+    return cfg.out_dir / "teacher"
+
+
+def run_bootstrap(cfg: Config, out: str | None = None, progress: bool = True) -> Path:
+    """Train, probe and save the teacher; the directory appears only when complete."""
+    boot = cfg.teacher.bootstrap
+    if boot is None:
+        raise UserError("teacher.bootstrap: missing (the bootstrap command needs its phases)")
+    if cfg.data.tokenizer != "byte":
+        raise UserError("data.tokenizer: the bootstrapped teacher uses the byte tokenizer; "
+                        f"got '{cfg.data.tokenizer}'")
+    final = bootstrap_out_dir(cfg, out)
+    t0 = time.monotonic()
+    log: list[dict[str, Any]] = []
+    model = train_teacher(cfg, log, progress=progress)
+    train_s = time.monotonic() - t0
+    t1 = time.monotonic()
+    probe = needle_probe(model, cfg.data.synthetic, cfg.pack.doc_len, boot.probe.lengths,
+                         boot.probe.depths, boot.probe.trials, boot.probe.seed)
+    passkey = passkey_probe(model, boot.probe.lengths, boot.probe.depths, boot.probe.trials,
+                            boot.probe.seed)
+    probe_s = time.monotonic() - t1
+    trained_max = max(_phase_settings(boot, p)["max_period"] for p in boot.phases)
+    meta = {
+        "fingerprint": fingerprint(bootstrap_identity(cfg)),
+        "config": cfg.teacher.bootstrap.model_dump(mode="json"),
+        "synthetic": cfg.data.synthetic.model_dump(mode="json"),
+        "doc_len": list(cfg.pack.doc_len),
+        "rope_parameters": dict(model.config.rope_parameters),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(train_s, 1),
+        "probe_seconds": round(probe_s, 1),
+        "max_trained_copy_distance": trained_max,
+        "needle_accuracy": accuracy_grid(probe),
+        "needle_token_accuracy": accuracy_grid(probe, "token_acc"),
+        "passkey_accuracy": accuracy_grid(passkey),
+        "needle": probe,
+        "passkey": passkey,
+        "log": log,
+        "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "python": platform.python_version()},
+    }
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp)
+        build_byte_tokenizer().save_pretrained(tmp)
+        save_heatmap(probe, tmp / HEATMAP_FILE,
+                     f"bootstrapped teacher: needle exact match ({boot.probe.trials} trials/cell)\n"
+                     f"trained copy distances <= {trained_max}")
+        atomic_write_json(tmp / META_FILE, meta)
+    return final
+
+
+def load_teacher(path: str | Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+    model.eval()
+    return model
+
+
+def summary_lines(meta: dict[str, Any]) -> Iterator[str]:
+    """A short table of the needle grid for the terminal."""
+    grid = meta["needle_accuracy"]
+    depths = list(next(iter(grid.values())).keys())
+    yield "needle exact match (rows: depth, columns: length)"
+    yield "depth  " + " ".join(f"{L:>6}" for L in grid)
+    for d in depths:
+        yield f"{d:>5}  " + " ".join(f"{grid[L][d]:>6.2f}" for L in grid)
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / META_FILE
+    if not p.is_file():
+        raise UserError(f"{p}: not found (not a bootstrapped teacher directory)")
+    return json.loads(p.read_text())
+
+
+__all__ = [
+    "build_model", "set_rope_theta", "periodic_row", "needle_context", "needle_probe",
+    "passkey_probe", "score_answers", "train_teacher", "run_bootstrap", "load_teacher",
+    "accuracy_grid", "save_heatmap", "summary_lines", "read_meta",
+]

@@ -1,0 +1,57 @@
+"""The cache directory's two JSON files.
+
+``plan.json`` (written first): the fixed shard plan — which windows each shard holds — so a
+re-run, ``cache verify`` and the reader agree on what a complete cache is.
+``manifest.json`` (written last, atomically): the plan plus per-shard bytes, totals, the
+fingerprint and its identity. Its presence means every planned shard was valid when written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import atomic_write_json
+from pipeline.errors import UserError
+
+PLAN_FILE = "plan.json"
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "config.json"
+
+
+def shard_plan(num_windows: int, windows_per_shard: int) -> list[dict[str, int]]:
+    """Shard i holds windows [i * per_shard, min((i + 1) * per_shard, num_windows))."""
+    return [{"index": i, "first_window": start, "rows": min(windows_per_shard, num_windows - start)}
+            for i, start in enumerate(range(0, num_windows, windows_per_shard))]
+
+
+def write_plan(cache_dir: Path, plan: dict[str, Any]) -> None:
+    atomic_write_json(cache_dir / PLAN_FILE, plan)
+
+
+def write_manifest(cache_dir: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_json(cache_dir / MANIFEST_FILE, manifest)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: unreadable ({err})") from None
+
+
+def read_plan(cache_dir: Path) -> dict[str, Any]:
+    return _read(Path(cache_dir) / PLAN_FILE)
+
+
+def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
+    path = Path(cache_dir) / MANIFEST_FILE
+    if not path.is_file():
+        hint = " (the cache job has not finished; re-run `posdistill cache`)" if (Path(cache_dir) / PLAN_FILE).is_file() else ""
+        raise UserError(f"{cache_dir}: not a complete teacher cache: no {MANIFEST_FILE}{hint}")
+    return _read(path)
+
+
+def is_complete(cache_dir: Path) -> bool:
+    return (Path(cache_dir) / MANIFEST_FILE).is_file()

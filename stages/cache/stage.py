@@ -1,0 +1,396 @@
+"""Cache stage: the teacher runs once over the packed windows; its sparse targets go to shards.
+
+The work is a fixed shard plan (shard i = windows [i*W, (i+1)*W)). ``CacheWorker.run_shard``
+is the one per-shard routine every executor calls (Ray actors in ``cluster.executor``, or
+the in-process ``LocalExecutor`` for debugging); it knows nothing about Ray. ``run_cache``
+is the driver: it packs if needed, skips shards that are already valid, hands the rest to
+an executor and writes ``manifest.json`` last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.atomic import atomic_write_json
+from pipeline.config import CacheConfig, Config, TeacherConfig
+from pipeline.errors import UserError
+from pipeline.fingerprint import FORMAT_VERSION, fingerprint
+from pipeline.progress import Progress, human
+from stages.cache.codec import make_codec
+from stages.cache.manifest import (CONFIG_FILE, MANIFEST_FILE, PLAN_FILE, is_complete, shard_plan,
+                                   write_manifest, write_plan)
+from stages.cache.verify import check_shard
+from stages.cache.writer import TEMP_GLOB, CacheWriter, shard_name
+
+FAULT_ENV = "POSDISTILL_FAULT"
+
+
+# ----------------------------------------------------------------------------- identity
+
+
+def cache_identity(cfg: Config, phase_index: int | None = None) -> dict[str, Any]:
+    """Everything that changes the cached numbers; its hash names the cache directory."""
+    from stages.pack import pack_spec
+    from stages.teacher import teacher_identity
+    from stages.tokenizer import tokenizer_identity
+
+    spec = pack_spec(cfg, phase_index)
+    c = cfg.cache
+    return {
+        "teacher": teacher_identity(cfg.teacher),
+        "tokenizer": tokenizer_identity(spec.data.tokenizer),
+        "pack": spec.fingerprint(),
+        "window_len": spec.pack.window_len,
+        "attention": spec.pack.mode,
+        "kind": c.kind,
+        "k": c.k if c.kind == "topk" else None,
+        "samples": c.samples if c.kind == "sampled" else None,
+        "sample_seed": cfg.run.seed if c.kind == "sampled" else None,
+        "temperature": c.temperature,
+        "codec": c.codec,
+        "format": FORMAT_VERSION["cache"],
+    }
+
+
+def cache_dir_for(cfg: Config, phase_index: int | None = None) -> Path:
+    """Where the cache for the top-level pack (or one phase's pack) lives: <root>/<fingerprint>."""
+    return cfg.cache_root / fingerprint(cache_identity(cfg, phase_index))
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+@dataclass
+class CacheJob:
+    """Everything a worker needs, as plain data (it travels to Ray actors)."""
+
+    cache_dir: str
+    pack_dir: str
+    pack_files: list[tuple[str, int, int]]  # (file name, first window id, rows)
+    fingerprint: str
+    teacher: dict[str, Any]
+    cache: dict[str, Any]
+    mode: str
+    window_len: int
+    seed: int
+    vocab: int
+    shards: list[dict[str, int]]
+    fault: str | None = None
+
+    @property
+    def teacher_cfg(self) -> TeacherConfig:
+        return TeacherConfig.model_validate(self.teacher)
+
+    @property
+    def cache_cfg(self) -> CacheConfig:
+        return CacheConfig.model_validate(self.cache)
+
+    def width(self) -> int:
+        c = self.cache_cfg
+        return min(c.k if c.kind == "topk" else c.samples, self.vocab)
+
+
+def read_window_range(job: CacheJob, start: int, stop: int) -> Iterator[dict[str, Any]]:
+    """Rows of windows [start, stop) from the packed-window files, in window order."""
+    for name, first, rows in job.pack_files:
+        if first + rows <= start or first >= stop:
+            continue
+        pf = pq.ParquetFile(Path(job.pack_dir) / name)
+        offset = first
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            lo, hi = max(start, offset), min(stop, offset + n)
+            if lo < hi:
+                table = pf.read_row_group(g).slice(lo - offset, hi - lo)
+                yield from table.to_pylist()
+            offset += n
+
+
+class Fault:
+    """Test-only fault injection from ``POSDISTILL_FAULT`` (comma-separated):
+    ``crash_once:<shard>`` kills the worker process mid-shard the first time that shard runs
+    (a marker file in the cache dir remembers it); ``sleep:<seconds>`` slows every shard."""
+
+    def __init__(self, spec: str | None, cache_dir: Path):
+        self.crash: set[int] = set()
+        self.sleep = 0.0
+        self.cache_dir = cache_dir
+        for part in filter(None, (spec or "").split(",")):
+            kind, _, arg = part.partition(":")
+            if kind == "crash_once":
+                self.crash.add(int(arg))
+            elif kind == "sleep":
+                self.sleep = float(arg)
+            else:
+                raise UserError(f"{FAULT_ENV}: unknown fault '{part}'")
+
+    def after_first_row_group(self, index: int) -> None:
+        if self.sleep:
+            time.sleep(self.sleep)
+        marker = self.cache_dir / f".fault-crashed-{index}"
+        if index in self.crash and not marker.exists():
+            marker.touch()
+            os._exit(1)
+
+
+class CacheWorker:
+    """Holds one teacher replica; ``run_shard`` computes and publishes one shard."""
+
+    def __init__(self, job: CacheJob, device: str = "cpu", threads: int | None = None):
+        import torch
+
+        from stages.teacher import TeacherScorer, load_teacher
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.job = job
+        self.device = device
+        c = job.cache_cfg
+        t = job.teacher_cfg
+        self.model = load_teacher(t, device)
+        self.scorer = TeacherScorer(self.model, kind=c.kind, k=c.k, samples=c.samples, temperature=c.temperature,
+                                    chunk_len=t.chunk_len, seed=job.seed)
+        self.scorer.check_head()
+        self.fault = Fault(job.fault, Path(job.cache_dir))
+
+    def run_shard(self, index: int) -> dict[str, Any]:
+        import torch
+
+        job, c = self.job, self.job.cache_cfg
+        spec = job.shards[index]
+        t0 = time.monotonic()
+        codec = make_codec(c.codec, c.kind, job.vocab)
+        writer = CacheWriter(Path(job.cache_dir) / shard_name(index), codec, job.fingerprint, index)
+        rows = list(read_window_range(job, spec["first_window"], spec["first_window"] + spec["rows"]))
+        if len(rows) != spec["rows"]:
+            raise UserError(f"{job.pack_dir}: expected {spec['rows']} windows from {spec['first_window']}, "
+                            f"found {len(rows)}")
+        batch = job.teacher_cfg.batch_size
+        try:
+            for g in range(0, len(rows), c.windows_per_row_group):
+                group = rows[g:g + c.windows_per_row_group]
+                out: dict[str, list] = {"ids": [], "logp": [], "counts": []}
+                for b in range(0, len(group), batch):
+                    part = group[b:b + batch]
+                    ids = torch.tensor(np.asarray([r["input_ids"] for r in part], dtype=np.int64))
+                    res = self.scorer.score(ids, [r["doc_starts"] for r in part], job.mode,
+                                            [r["window_id"] for r in part])
+                    for key in out:
+                        if res[key] is not None:
+                            out[key].append(res[key].numpy())
+                writer.write(
+                    [r["window_id"] for r in group],
+                    np.asarray([r["input_ids"] for r in group], dtype=np.int32),
+                    [r["doc_starts"] for r in group],
+                    np.concatenate(out["ids"]), np.concatenate(out["logp"]),
+                    np.concatenate(out["counts"]) if out["counts"] else None,
+                )
+                if g == 0:
+                    self.fault.after_first_row_group(index)
+            size = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        return {"index": index, "rows": len(rows), "tokens": len(rows) * job.window_len, "bytes": size,
+                "seconds": time.monotonic() - t0}
+
+
+# ----------------------------------------------------------------------------- executors
+
+
+class Executor(Protocol):
+    def run(self, job: CacheJob, todo: list[int], on_done: Callable[[dict[str, Any]], None]) -> None: ...
+
+
+class LocalExecutor:
+    """Runs every shard in this process with one teacher replica (debugging, tests)."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+
+    def run(self, job: CacheJob, todo: list[int], on_done: Callable[[dict[str, Any]], None]) -> None:
+        worker = CacheWorker(job, self.device)
+        for i in todo:
+            on_done(worker.run_shard(i))
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+@contextlib.contextmanager
+def _exclusive(cache_dir: Path) -> Iterator[None]:
+    """One driver per cache directory (the lock dies with its process, even on kill -9)."""
+    fd = os.open(cache_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{cache_dir}: another cache job is writing this cache") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _pack_files(pack_dir: Path) -> list[tuple[str, int, int]]:
+    from stages.pack import window_files
+
+    out, first = [], 0
+    for path in window_files(pack_dir):
+        rows = pq.read_metadata(path).num_rows
+        out.append((path.name, first, rows))
+        first += rows
+    return out
+
+
+def _teacher_vocab(cfg: Config) -> int:
+    import json
+
+    conf = json.loads((Path(cfg.teacher.model) / "config.json").read_text())
+    vocab = conf.get("vocab_size") or conf.get("text_config", {}).get("vocab_size")
+    if not vocab:
+        raise UserError(f"teacher.model: {cfg.teacher.model}/config.json has no vocab_size")
+    return int(vocab)
+
+
+def _check_vocab(cfg: Config, data_tokenizer: str, vocab: int) -> None:
+    from stages.tokenizer import load_tokenizer
+
+    n = len(load_tokenizer(data_tokenizer))
+    if n > vocab:
+        raise UserError(f"data.tokenizer has {n} tokens but teacher.model's vocabulary has only {vocab}: "
+                        "the windows must be tokenized with the teacher's tokenizer")
+
+
+def build_job(cfg: Config, phase_index: int | None, pack_dir: Path, cache_dir: Path, identity: dict[str, Any]) -> CacheJob:
+    from stages.pack import pack_spec
+
+    spec = pack_spec(cfg, phase_index)
+    files = _pack_files(pack_dir)
+    num_windows = sum(r for _, _, r in files)
+    vocab = _teacher_vocab(cfg)
+    _check_vocab(cfg, spec.data.tokenizer, vocab)
+    return CacheJob(
+        cache_dir=str(cache_dir), pack_dir=str(pack_dir), pack_files=files, fingerprint=fingerprint(identity),
+        teacher=cfg.teacher.model_dump(mode="json"), cache=cfg.cache.model_dump(mode="json"),
+        mode=spec.pack.mode, window_len=spec.pack.window_len, seed=cfg.run.seed, vocab=vocab,
+        shards=shard_plan(num_windows, cfg.cache.windows_per_shard), fault=os.environ.get(FAULT_ENV) or None,
+    )
+
+
+def _clear(cache_dir: Path) -> None:
+    for p in [cache_dir / MANIFEST_FILE, cache_dir / PLAN_FILE, *cache_dir.glob("shard-*.parquet"),
+              *cache_dir.glob(TEMP_GLOB), *cache_dir.glob(".fault-crashed-*")]:
+        p.unlink(missing_ok=True)
+
+
+def _make_executor(cfg: Config, address: str | None) -> Any:
+    from cluster.executor import RayExecutor
+
+    return RayExecutor(address=address, teacher=cfg.teacher, max_retries=cfg.cache.max_retries)
+
+
+def run_cache(cfg: Config, phase_index: int | None = None, address: str | None = None, force: bool = False,
+              executor: Executor | None = None, verbose: bool = True) -> Path:
+    """Compute (or finish, or reuse) the teacher cache for one pack; returns its directory.
+
+    ``address``: a Ray cluster to attach to; None uses ``cluster.address`` ("local" starts an
+    embedded Ray on 127.0.0.1). ``force`` rebuilds every shard.
+    """
+    from stages.pack import pack_spec, run_pack
+
+    spec = pack_spec(cfg, phase_index)
+    pack_dir = run_pack(cfg, spec, verbose=verbose)
+    identity = cache_identity(cfg, phase_index)
+    cache_dir = cfg.cache_root / fingerprint(identity)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(cache_dir):
+        if force:
+            _clear(cache_dir)
+        for tmp in cache_dir.glob(TEMP_GLOB):  # left by a killed run; no writer is alive (we hold the lock)
+            tmp.unlink(missing_ok=True)
+        job = build_job(cfg, phase_index, pack_dir, cache_dir, identity)
+        plan = {"fingerprint": job.fingerprint, "num_windows": sum(s["rows"] for s in job.shards),
+                "windows_per_shard": cfg.cache.windows_per_shard, "shards": job.shards}
+        write_plan(cache_dir, plan)
+        atomic_write_json(cache_dir / CONFIG_FILE, cfg.resolved())
+        bad = {s["index"]: check_shard(cache_dir / shard_name(s["index"]), job.fingerprint, s["first_window"], s["rows"])
+               for s in job.shards}
+        todo = [i for i, reason in bad.items() if reason]
+        if not todo and is_complete(cache_dir):
+            if verbose:
+                print(f"cache: reusing {cache_dir} ({len(job.shards)} shards, all valid)")
+            return cache_dir
+        (cache_dir / MANIFEST_FILE).unlink(missing_ok=True)  # incomplete until every shard is valid again
+        for i in todo:
+            (cache_dir / shard_name(i)).unlink(missing_ok=True)
+        if verbose:
+            done = len(job.shards) - len(todo)
+            print(f"cache: {cache_dir}: {len(todo)} of {len(job.shards)} shards to compute"
+                  + (f" ({done} valid, skipped)" if done else ""))
+        t0 = time.monotonic()
+        tokens = 0
+        progress = Progress("cache", len(todo), unit="shards", enabled=verbose)
+        if todo:
+            def on_done(result: dict[str, Any]) -> None:
+                nonlocal tokens
+                tokens += result["tokens"]
+                progress.update(1, result["tokens"])
+
+            (executor or _make_executor(cfg, address)).run(job, todo, on_done)
+        progress.close()
+        seconds = time.monotonic() - t0
+        manifest = finish(cache_dir, job, identity, cfg, tokens_computed=tokens, seconds=seconds)
+        if verbose:
+            print(f"cache: wrote {cache_dir}: {manifest['windows']} windows, {manifest['bytes_per_entry']:.3g} B/entry"
+                  + (f", {human(tokens / max(seconds, 1e-9))} tokens/s" if tokens else ""))
+        return cache_dir
+
+
+def finish(cache_dir: Path, job: CacheJob, identity: dict[str, Any], cfg: Config, tokens_computed: int,
+           seconds: float) -> dict[str, Any]:
+    """Check every shard once more and write the manifest (last)."""
+    shards, bad = [], []
+    for s in job.shards:
+        path = cache_dir / shard_name(s["index"])
+        reason = check_shard(path, job.fingerprint, s["first_window"], s["rows"])
+        if reason:
+            bad.append(f"{path.name}: {reason}")
+        else:
+            shards.append({**s, "file": path.name, "bytes": path.stat().st_size})
+    if bad:
+        raise UserError(f"{cache_dir}: shards still invalid after the run: " + "; ".join(bad))
+    windows = sum(s["rows"] for s in shards)
+    tokens = windows * job.window_len
+    width = job.width()
+    total = sum(s["bytes"] for s in shards)
+    c = job.cache_cfg
+    manifest = {
+        "format": FORMAT_VERSION["cache"],
+        "fingerprint": job.fingerprint,
+        "identity": identity,
+        "teacher": job.teacher["model"],
+        "kind": c.kind, "k": c.k if c.kind == "topk" else None,
+        "samples": c.samples if c.kind == "sampled" else None,
+        "width": width, "temperature": c.temperature, "codec": c.codec,
+        "window_len": job.window_len, "mode": job.mode, "vocab": job.vocab,
+        "pack_dir": job.pack_dir, "pack_fingerprint": identity["pack"],
+        "windows": windows, "tokens": tokens, "bytes": total,
+        "bytes_per_token": total / max(tokens, 1), "bytes_per_entry": total / max(tokens * width, 1),
+        "windows_per_shard": c.windows_per_shard, "windows_per_row_group": c.windows_per_row_group,
+        "config": {"teacher": job.teacher, "cache": job.cache},
+        "last_run": {"tokens": tokens_computed, "seconds": seconds,
+                     "tokens_per_s": tokens_computed / seconds if seconds > 0 else None},
+        "shards": shards,
+    }
+    write_manifest(cache_dir, manifest)
+    return manifest
+

@@ -1,0 +1,122 @@
+"""Eval outputs: ``eval.json``, a depth x length heatmap per model, one loss-by-position
+plot with every model, and a Markdown comparison table.
+
+Effective length (RULER): the longest evaluated length whose mean score over depths is at
+least ``eval.threshold``; ``None`` when no length clears it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def effective_length(lengths: list[int], scores: list[list[float]], threshold: float) -> int | None:
+    """``scores`` is ``[depth][length]``; the mean over depths is compared with the threshold."""
+    means = np.nanmean(np.asarray(scores, dtype=float), axis=0) if scores else []
+    passing = [L for L, m in zip(lengths, means) if m >= threshold]
+    return max(passing) if passing else None
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_heatmap(result: dict[str, Any], path: Path) -> None:
+    """One panel per task: exact match, rows = needle depth, columns = context length."""
+    plt = _plt()
+    tasks = list(result["tasks"])
+    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(1.2 + 4.2 * max(len(tasks), 1), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        g = result["tasks"][task]
+        data = np.asarray(g["exact"], dtype=float)  # [D, L]
+        im = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(g["lengths"])), [str(L) for L in g["lengths"]])
+        ax.set_yticks(range(len(g["depths"])), [f"{d:g}" for d in g["depths"]])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        eff = g.get("effective_length")
+        ax.set_title(f"{task}: exact match (eff. length {eff if eff is not None else '-'})", fontsize=9)
+        for i in range(data.shape[0]):
+            for j in range(data.shape[1]):
+                ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=7)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(result["name"], fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_loss_plot(results: list[dict[str, Any]], path: Path) -> bool:
+    """Every model's loss-by-position curve on one axis; False when no model has one."""
+    curves = [(r["name"], r["loss_by_position"]) for r in results if r.get("loss_by_position")]
+    if not curves:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, lb in curves:
+        edges = np.asarray(lb["bucket_edges"], dtype=float)
+        centers = (edges[:-1] + edges[1:]) / 2
+        ax.plot(centers, lb["loss"], marker="o", markersize=3, label=name)
+    ax.set_xlabel("target position in the window")
+    ax.set_ylabel("next-token loss (nats)")
+    ax.set_title(f"loss by position, held-out packed windows ({curves[0][1]['windows']} x "
+                 f"{curves[0][1]['window_len']} tokens)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def markdown_table(results: list[dict[str, Any]], threshold: float) -> str:
+    """One comparison table (a row per model), then per task the mean exact match per length."""
+    tasks = list(dict.fromkeys(t for r in results for t in r["tasks"]))
+    head = ["model"]
+    for t in tasks:
+        head += [f"{t} exact", f"{t} eff. length"]
+    head += ["loss (first bucket)", "loss (last bucket)", "mean loss"]
+    lines = [f"Exact match averaged over depths and lengths; effective length = longest length whose "
+             f"mean exact match >= {threshold:g}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        row = [r["name"]]
+        for t in tasks:
+            g = r["tasks"].get(t)
+            row += [_fmt(float(np.nanmean(g["exact"]))) if g else "-",
+                    _fmt(g["effective_length"]) if g else "-"]
+        lb = r.get("loss_by_position")
+        row += [_fmt(lb["loss"][0]), _fmt(lb["loss"][-1]), _fmt(lb["mean_loss"])] if lb else ["-"] * 3
+        lines.append("| " + " | ".join(row) + " |")
+    for t in tasks:
+        lengths = next(r["tasks"][t]["lengths"] for r in results if t in r["tasks"])
+        lines += ["", f"**{t}**: mean exact match (mean answer rank) per context length", "",
+                  "| model | " + " | ".join(str(L) for L in lengths) + " |", "|" + "---|" * (len(lengths) + 1)]
+        for r in results:
+            g = r["tasks"].get(t)
+            if not g:
+                continue
+            ex = np.nanmean(np.asarray(g["exact"], dtype=float), axis=0)
+            rk = np.nanmean(np.asarray(g["rank"], dtype=float), axis=0)
+            lines.append(f"| {r['name']} | " + " | ".join(f"{e:.2f} ({k:.1f})" for e, k in zip(ex, rk)) + " |")
+    return "\n".join(lines) + "\n"

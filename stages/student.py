@@ -1,0 +1,107 @@
+"""The student: a Llama-family model built from ``student.config`` or loaded from ``student.init``.
+
+Its vocabulary must be the teacher's: the cached targets are teacher token ids, and a
+student with another vocabulary would silently learn a permutation of the wrong tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.errors import UserError
+
+
+def teacher_vocab_size(cfg: Config) -> tuple[int, str]:
+    """The teacher's output vocabulary and where it came from (for error messages)."""
+    if cfg.teacher.model:
+        path = Path(cfg.teacher.model) / "config.json"
+        if path.is_file():
+            raw = json.loads(path.read_text())
+            raw = raw.get("text_config", raw) if "vocab_size" not in raw else raw
+            if "vocab_size" in raw:
+                return int(raw["vocab_size"]), f"teacher.model {cfg.teacher.model}"
+    from stages.tokenizer import load_tokenizer
+
+    return len(load_tokenizer(cfg.data.tokenizer)), f"data.tokenizer '{cfg.data.tokenizer}'"
+
+
+def student_vocab_size(model_config: Any) -> int:
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return int(text.vocab_size)
+
+
+def check_vocab(student_vocab: int, cfg: Config, where: str) -> None:
+    teacher_vocab, source = teacher_vocab_size(cfg)
+    if student_vocab != teacher_vocab:
+        raise UserError(f"{where}: the student's vocabulary has {student_vocab} tokens but the teacher's "
+                        f"({source}) has {teacher_vocab}; KD targets are teacher token ids, so they must match")
+
+
+def student_config(cfg: Config) -> tuple[Any, bool]:
+    """(transformers config, fresh) without building weights: ``fresh`` = built from student.config."""
+    scfg = cfg.student
+    if scfg is None:
+        raise UserError("student: missing section (give student.init or student.config)")
+    if scfg.init is not None:
+        path = Path(scfg.init)
+        if not (path / "config.json").is_file():
+            raise UserError(f"student.init: '{scfg.init}' is not a Hugging Face model directory (no config.json)")
+        from transformers import AutoConfig
+
+        try:
+            mcfg = AutoConfig.from_pretrained(str(path), local_files_only=True,
+                                              trust_remote_code=scfg.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise UserError(f"student.init: cannot read '{scfg.init}': {str(err).splitlines()[0][:300]}") from None
+        check_vocab(student_vocab_size(mcfg), cfg, f"student.init ({scfg.init})")
+        return mcfg, False
+    from transformers import LlamaConfig
+
+    from stages.tokenizer import load_tokenizer
+
+    arch = scfg.config
+    vocab, _ = teacher_vocab_size(cfg)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    first_window = cfg.train.phases[0].window_len if cfg.train.phases else cfg.pack.window_len
+    mcfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size or 4 * arch.hidden_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads or arch.num_attention_heads,
+        max_position_embeddings=first_window,
+        tie_word_embeddings=arch.tie_word_embeddings,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        use_cache=False,
+    )
+    return mcfg, True
+
+
+def build_student(cfg: Config, model_config: Any | None = None) -> tuple[Any, bool]:
+    """(model in float32, fresh). A fresh student is initialised from ``run.seed``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    mcfg, fresh = (model_config, cfg.student.init is None) if model_config is not None else student_config(cfg)
+    attn = cfg.student.attn_implementation
+    if fresh:
+        torch.manual_seed(cfg.run.seed)
+        mcfg._attn_implementation = attn
+        model = AutoModelForCausalLM.from_config(mcfg, dtype=torch.float32, attn_implementation=attn)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.student.init, dtype=torch.float32, local_files_only=True, attn_implementation=attn,
+                trust_remote_code=cfg.student.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise UserError(f"student.init: cannot load '{cfg.student.init}': "
+                            f"{str(err).splitlines()[0][:300]}") from None
+    model.config.use_cache = False
+    if not hasattr(model, "model") or not hasattr(model.model, "rotary_emb"):
+        raise UserError(f"student: {type(model).__name__} has no model.rotary_emb; phase-wise RoPE needs a "
+                        "Llama-family model")
+    return model, fresh

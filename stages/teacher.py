@@ -1,0 +1,201 @@
+"""The teacher: load a local Hugging Face causal LM and turn windows into sparse targets.
+
+Two things here are shared with the student trainer and must stay the single source of
+truth: ``model_inputs`` (what position ids and attention a packed window gets) and the
+chunked head (``TeacherScorer``), which never materialises the ``[window_len, vocab]``
+logits: the model body runs once, then the LM head, a full-vocabulary log-softmax at the
+cache temperature and the top-k (or the sampling) run ``chunk_len`` positions at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import TeacherConfig
+from pipeline.errors import UserError
+from pipeline.fingerprint import dir_identity
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Files whose content decides the teacher's numbers (weights, architecture, RoPE parameters,
+# remote code). Tokenizer files are covered by the tokenizer identity instead.
+_IDENTITY_SUFFIXES = (".safetensors", ".bin", ".json", ".py", ".pt", ".gguf")
+_TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                    "merges.txt", "tokenizer.model", "vocab.txt", "added_tokens.json", "chat_template.jinja"}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def position_ids_for(doc_starts: list[int], window_len: int, mode: str) -> np.ndarray:
+    """Positions of one window: 0..L-1 (cross_doc) or restarting at each doc start (doc_masked)."""
+    from stages.pack import position_ids
+
+    return position_ids(doc_starts, window_len, mode)
+
+
+def model_inputs(input_ids: torch.Tensor, doc_starts: list[list[int]], mode: str) -> dict[str, Any]:
+    """Keyword arguments for ``model(...)`` / ``model.model(...)`` for a batch of packed windows.
+
+    input_ids: [B, L]. ``cross_doc``: plain causal attention, positions 0..L-1.
+    ``doc_masked``: positions restart at every document start and a document attends only
+    to itself. transformers (5.x) derives that block-diagonal causal mask from restarting
+    ``position_ids`` when ``attention_mask`` is None and no KV cache is used (so never pass
+    an attention mask here); tests/test_teacher.py checks it against running each document
+    alone, for the eager and sdpa attention implementations.
+    """
+    if mode not in ("cross_doc", "doc_masked"):
+        raise UserError(f"pack.mode: unknown packing mode '{mode}'")
+    if input_ids.dim() != 2 or len(doc_starts) != input_ids.shape[0]:
+        raise ValueError(f"input_ids must be [B, L] with one doc_starts list per row, got "
+                         f"{tuple(input_ids.shape)} and {len(doc_starts)} lists")
+    B, L = input_ids.shape
+    pos = np.stack([position_ids_for(list(s), L, mode) for s in doc_starts])  # [B, L]
+    return {
+        "input_ids": input_ids,
+        "position_ids": torch.from_numpy(pos).to(input_ids.device),
+        "use_cache": False,
+    }
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def teacher_identity(tcfg: TeacherConfig) -> dict[str, Any]:
+    """What of the teacher changes cached numbers: its weights and config files, and dtype."""
+    if not tcfg.model:
+        raise UserError("teacher.model: no teacher given (a local Hugging Face model directory)")
+    path = Path(tcfg.model)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise UserError(f"teacher.model: '{tcfg.model}' is not a Hugging Face model directory "
+                        f"(no config.json)")
+    files = [f for f in dir_identity(path)
+             if f["name"].endswith(_IDENTITY_SUFFIXES) and Path(f["name"]).name not in _TOKENIZER_FILES]
+    return {"files": files, "dtype": tcfg.dtype, "trust_remote_code": tcfg.trust_remote_code}
+
+
+def load_teacher(tcfg: TeacherConfig, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """AutoModelForCausalLM from a local directory, in ``teacher.dtype``, in eval mode."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    teacher_identity(tcfg)  # validates the path with a clear message
+    kwargs: dict[str, Any] = {"dtype": DTYPES[tcfg.dtype], "local_files_only": True,
+                              "trust_remote_code": bool(tcfg.trust_remote_code)}
+    if tcfg.attn_implementation:
+        kwargs["attn_implementation"] = tcfg.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(tcfg.model, **kwargs)
+    except (OSError, ValueError) as err:
+        raise UserError(f"teacher.model: cannot load '{tcfg.model}': {str(err).splitlines()[0][:300]}") from None
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    body = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    head = model.get_output_embeddings()
+    if body is None or head is None or body is model:
+        raise UserError(f"teacher.model: {type(model).__name__} has no separate body and LM head; "
+                        "only causal LMs of the usual <body> + lm_head layout are supported")
+    return body, head
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def sample_uniforms(seed: int, window_id: int, window_len: int, samples: int) -> torch.Tensor:
+    """[L, S] uniforms for one window, fixed by (seed, window_id) alone: a retried or
+    re-chunked shard draws exactly the same samples."""
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(window_id)) % (2**63 - 1))
+    return torch.rand(window_len, samples, generator=g, dtype=torch.float64)
+
+
+class TeacherScorer:
+    """Sparse teacher targets for batches of windows.
+
+    ``kind == "topk"``: the k most likely ids per position and their log-probs (the tail
+    mass is ``1 - sum(exp(logp))``). ``kind == "sampled"``: ``samples`` i.i.d. draws per
+    position from the full teacher distribution (inverse-CDF sampling, exact up to float
+    rounding), stored as distinct ids with their counts and teacher log-probs; padding slots
+    have count 0 and repeat the first slot's id and log-prob.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, kind: str, k: int, samples: int, temperature: float,
+                 chunk_len: int, seed: int = 0):
+        self.model = model
+        self.body, self.head = _body_and_head(model)
+        self.kind, self.k, self.samples = kind, k, samples
+        self.temperature = float(temperature)
+        self.chunk_len = chunk_len
+        self.seed = seed
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.device = next(model.parameters()).device
+        vocab = self.head.weight.shape[0]
+        # Slots per position: k, or the most distinct ids ``samples`` draws can give.
+        self.width = min(k if kind == "topk" else samples, vocab)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, c, H] -> float32 logits [B, c, V] (the only vocab-sized tensor)."""
+        logits = self.head(hidden).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def check_head(self) -> None:
+        """Refuse an architecture whose forward transforms logits in a way we do not replicate."""
+        ids = torch.arange(8, device=self.device).unsqueeze(0) % self.head.weight.shape[0]
+        inputs = model_inputs(ids, [[0]], "cross_doc")
+        with torch.no_grad():
+            full = self.model(**inputs).logits.float()
+            ours = self._logits(self.body(**inputs).last_hidden_state)
+        if not torch.allclose(full, ours, rtol=1e-3, atol=1e-3):
+            raise UserError(f"teacher.model: {type(self.model).__name__} post-processes its logits in a way the "
+                            "chunked top-k does not replicate (max diff "
+                            f"{(full - ours).abs().max().item():.3g}); this architecture is not supported")
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor, doc_starts: list[list[int]], mode: str,
+              window_ids: list[int] | None = None) -> dict[str, torch.Tensor | None]:
+        """input_ids [B, L] -> ids int32 [B, L, m], logp float32 [B, L, m], counts int16 [B, L, m] | None."""
+        input_ids = input_ids.to(self.device)
+        B, L = input_ids.shape
+        hidden = self.body(**model_inputs(input_ids, doc_starts, mode)).last_hidden_state  # [B, L, H]
+        m = self.width
+        ids = torch.empty(B, L, m, dtype=torch.int32)
+        logp = torch.empty(B, L, m, dtype=torch.float32)
+        counts = torch.empty(B, L, m, dtype=torch.int16) if self.kind == "sampled" else None
+        if self.kind == "sampled":
+            if window_ids is None:
+                raise ValueError("sampled scoring needs window_ids (they seed the draws)")
+            uniforms = torch.stack([sample_uniforms(self.seed, w, L, self.samples) for w in window_ids])  # [B, L, S]
+        for s in range(0, L, self.chunk_len):
+            e = min(L, s + self.chunk_len)
+            lp = torch.log_softmax(self._logits(hidden[:, s:e]) / self.temperature, dim=-1)  # [B, c, V]
+            if self.kind == "topk":
+                v, i = torch.topk(lp, m, dim=-1)  # [B, c, k], sorted by log-prob
+                ids[:, s:e], logp[:, s:e] = i.int().cpu(), v.cpu()
+                continue
+            cdf = torch.cumsum(lp.exp(), dim=-1)  # [B, c, V]
+            cdf_len = cdf.shape[-1]
+            u = uniforms[:, s:e].to(self.device, torch.float32) * cdf[..., -1:]  # [B, c, S]
+            draws = torch.searchsorted(cdf, u.contiguous(), right=True).clamp_(max=cdf.shape[-1] - 1)
+            del cdf
+            hist = torch.zeros(lp.shape, dtype=torch.int32, device=lp.device)
+            hist.scatter_add_(-1, draws, torch.ones_like(draws, dtype=torch.int32))  # [B, c, V]
+            cnt, i = torch.topk(hist, m, dim=-1)  # the distinct ids, then zero-count padding
+            del hist
+            # Deterministic slot order whatever topk does with ties: ids ascending, padding last.
+            order = torch.argsort(torch.where(cnt > 0, i, i + cdf_len), dim=-1)
+            cnt, i = torch.gather(cnt, -1, order), torch.gather(i, -1, order)
+            i = torch.where(cnt > 0, i, i[..., :1])
+            ids[:, s:e] = i.int().cpu()
+            logp[:, s:e] = torch.gather(lp, -1, i).cpu()
+            counts[:, s:e] = cnt.to(torch.int16).cpu()
+        return {"ids": ids, "logp": logp, "counts": counts}

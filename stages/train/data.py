@@ -1,0 +1,237 @@
+"""Window streams for training: teacher-cache rows or packed windows, batched and sliced.
+
+Both sources yield the same per-window dict (``window_id``, ``input_ids`` int32 [L],
+``doc_starts``; cache rows add ``ids`` [L, m], ``logp`` [L, m], ``counts`` [L, m] | None),
+are sharded by data-parallel rank, and expose ``state_dict`` / ``load_state_dict`` so a
+resumed run continues with exactly the next window. A background thread reads and collates
+ahead (``train.prefetch`` micro-batches); the position saved in a checkpoint is the one
+after the last batch *consumed*, never the read-ahead.
+
+Sequence parallel: the ranks of one group read the same windows and each keeps its slice
+of the sequence - input ids, position ids, labels, and the cached targets alike (DeepSpeed's
+own loader adapter only slices 2-D tensors).
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pyarrow.parquet as pq
+import torch
+
+from stages.kd_loss import IGNORE
+
+# ----------------------------------------------------------------------------- packed windows
+
+
+class PackedWindowReader:
+    """Packed windows of one pack directory for one data-parallel rank, in a seeded order.
+
+    Order: a permutation of row groups (seed, epoch), rows in file order within a group;
+    window j of that order goes to rank j % dp_size; the total is cut to a multiple of
+    dp_size so every rank sees the same number of windows per epoch.
+    """
+
+    def __init__(self, pack_dir: str | Path, *, dp_rank: int, dp_size: int, seed: int, epoch: int = 0):
+        from stages.pack import window_files
+
+        self.files = window_files(Path(pack_dir))
+        groups = []  # (file index, row group, rows)
+        for fi, f in enumerate(self.files):
+            md = pq.read_metadata(f)
+            groups += [(fi, g, md.row_group(g).num_rows) for g in range(md.num_row_groups)]
+        order = list(range(len(groups)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        windows = [(groups[g][0], groups[g][1], r) for g in order for r in range(groups[g][2])]
+        windows = windows[: len(windows) // dp_size * dp_size]
+        self.mine = windows[dp_rank::dp_size]
+        self.epoch = epoch
+        self.consumed = 0
+        self._table: tuple[tuple[int, int], Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.mine)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["epoch"] != self.epoch:
+            raise ValueError(f"state is for epoch {state['epoch']}, reader is at {self.epoch}")
+        self.consumed = int(state["consumed"])
+
+    def _row(self, fi: int, g: int, r: int) -> dict[str, Any]:
+        if self._table is None or self._table[0] != (fi, g):
+            pf = pq.ParquetFile(self.files[fi])
+            self._table = ((fi, g), pf.read_row_group(g).to_pydict())
+        cols = self._table[1]
+        return {"window_id": int(cols["window_id"][r]),
+                "input_ids": torch.tensor(cols["input_ids"][r], dtype=torch.int32),
+                "doc_starts": list(cols["doc_starts"][r])}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while self.consumed < len(self.mine):
+            row = self._row(*self.mine[self.consumed])
+            self.consumed += 1
+            yield row
+
+
+class EpochStream:
+    """Endless stream over epochs of a reader built by ``make(epoch)``; state = (epoch, reader state)."""
+
+    def __init__(self, make: Callable[[int], Any]):
+        self.make = make
+        self.epoch = 0
+        self.reader = make(0)
+        self._it: Iterator[dict[str, Any]] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "reader": self.reader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.reader = self.make(self.epoch)
+        self.reader.load_state_dict(state["reader"])
+        self._it = None
+
+    def __iter__(self) -> "EpochStream":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.reader)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self.epoch += 1
+                self.reader = self.make(self.epoch)
+                self._it = None
+        raise RuntimeError("the data source yields no windows for this rank")
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    """One micro-batch as one rank sees it (its sequence slice under sequence parallelism)."""
+
+    input_ids: torch.Tensor  # [B, l] int64
+    position_ids: torch.Tensor  # [B, l] int64
+    labels: torch.Tensor  # [B, l] int64, -100 where no next token
+    ids: torch.Tensor | None  # [B, l, m] int64 teacher ids
+    logp: torch.Tensor | None  # [B, l, m] teacher log-probs
+    weights: torch.Tensor | None  # [B, l, m] count / S (sampled caches)
+    kd_norm: int  # KD positions in the whole (unsliced) micro-batch
+    ce_norm: int  # labelled positions in the whole micro-batch
+    tokens: int  # tokens in the whole micro-batch
+
+    def to(self, device: torch.device) -> "Batch":
+        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(mv(self.input_ids), mv(self.position_ids), mv(self.labels), mv(self.ids), mv(self.logp),
+                     mv(self.weights), self.kd_norm, self.ce_norm, self.tokens)
+
+
+def collate(rows: list[dict[str, Any]], mode: str, window_len: int, sp: int, sp_rank: int,
+            with_targets: bool) -> Batch:
+    from stages.teacher import model_inputs
+
+    input_ids = torch.stack([r["input_ids"].long() for r in rows])  # [B, L]
+    B, L = input_ids.shape
+    if L != window_len:
+        raise ValueError(f"window {rows[0]['window_id']} has {L} tokens, the phase expects {window_len}")
+    starts = [r["doc_starts"].tolist() if torch.is_tensor(r["doc_starts"]) else list(r["doc_starts"]) for r in rows]
+    pos = model_inputs(input_ids, starts, mode)["position_ids"]  # [B, L]
+    labels = torch.full_like(input_ids, IGNORE)
+    labels[:, :-1] = input_ids[:, 1:]  # next token; the last position has none
+    ids = logp = weights = None
+    if with_targets:
+        ids = torch.stack([torch.as_tensor(r["ids"]) for r in rows]).long()  # [B, L, m]
+        logp = torch.stack([torch.as_tensor(r["logp"]) for r in rows])  # [B, L, m]
+        if rows[0].get("counts") is not None:
+            counts = torch.stack([torch.as_tensor(r["counts"]) for r in rows]).float()  # [B, L, m]
+            weights = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)  # count / S
+    kd_norm, ce_norm = (B * L if with_targets else 0), B * (L - 1)
+    if sp > 1:  # keep this rank's slice of the sequence, of every per-position tensor
+        c = L // sp
+        sl = slice(sp_rank * c, (sp_rank + 1) * c)
+        input_ids, pos, labels = input_ids[:, sl], pos[:, sl], labels[:, sl]
+        if with_targets:
+            ids, logp = ids[:, sl], logp[:, sl]
+            weights = None if weights is None else weights[:, sl]
+    cont = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    return Batch(cont(input_ids), cont(pos), cont(labels), cont(ids), cont(logp), cont(weights),
+                 kd_norm, ce_norm, B * L)
+
+
+def batches(stream: EpochStream, micro_batch: int, **collate_kwargs: Any) -> Iterator[tuple[Batch, dict]]:
+    """(micro-batch, stream state right after it) forever."""
+    while True:
+        rows = [next(stream) for _ in range(micro_batch)]
+        yield collate(rows, **collate_kwargs), stream.state_dict()
+
+
+class Prefetcher:
+    """Runs a (batch, state) generator in a thread, ``depth`` items ahead."""
+
+    _END = object()
+
+    def __init__(self, source: Iterator[tuple[Batch, dict]], depth: int):
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.state: dict | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source,), daemon=True, name="prefetch")
+        self._thread.start()
+
+    def _run(self, source: Iterator[tuple[Batch, dict]]) -> None:
+        try:
+            for item in source:
+                while not self._stop.is_set():
+                    try:
+                        self.q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as err:  # surfaced in the training thread
+            self.q.put((self._END, err))
+
+    def __next__(self) -> Batch:
+        item = self.q.get()
+        if item[0] is self._END:
+            raise item[1]
+        batch, self.state = item
+        return batch
+
+    def state_dict(self) -> dict | None:
+        return self.state
+
+    def close(self) -> None:
+        self._stop.set()
+        while not self.q.empty():
+            try:
+                self.q.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=5)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def open_stream(source: str, path: Path, *, dp_rank: int, dp_size: int, seed: int,
+                fingerprint: str | None = None) -> EpochStream:
+    if source == "pack":
+        return EpochStream(lambda e: PackedWindowReader(path, dp_rank=dp_rank, dp_size=dp_size, seed=seed, epoch=e))
+    from stages.cache.reader import ShardReader
+
+    return EpochStream(lambda e: ShardReader(path, dp_rank=dp_rank, dp_size=dp_size, seed=seed, epoch=e,
+                                             expected_fingerprint=fingerprint))
+

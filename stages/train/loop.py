@@ -1,0 +1,278 @@
+"""The one training function. Every launcher (torchrun, the deepspeed launcher, Ray Train)
+ends up calling :func:`train` on every rank, after the process group exists.
+
+Run directly::
+
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m stages.train.loop CONFIG.yaml [--resume]
+    deepspeed --num_gpus 8 --module stages.train.loop CONFIG.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.atomic import atomic_write_bytes
+from pipeline.config import Config, load_config
+from pipeline.errors import UserError
+from pipeline.progress import Progress
+from stages.train.plan import (Geometry, PhasePlan, data_dir, geometry, lr_at, model_dir, preflight,
+                               resolve_phases, run_dir, threads_per_rank)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    device: torch.device
+
+    @property
+    def gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def init_distributed() -> DistEnv:
+    """Join (or reuse, under Ray Train) the process group; gloo on CPU, nccl on GPU."""
+    import deepspeed
+
+    gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    if not gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if gpu:
+        torch.cuda.set_device(local_rank)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False,
+                               verbose=False)
+    world = dist.get_world_size()
+    return DistEnv(rank=dist.get_rank(), world=world, local_rank=local_rank,
+                   local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+                   device=torch.device("cuda", local_rank) if gpu else torch.device("cpu"))
+
+
+def deepspeed_config(cfg: Config, geo: Geometry, gpu: bool) -> dict[str, Any]:
+    t, ds = cfg.train, cfg.train.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    for kind, device in (("offload_optimizer", ds.offload_optimizer), ("offload_param", ds.offload_param)):
+        if device != "none":
+            zero[kind] = {"device": device, **({"nvme_path": ds.nvme_path} if device == "nvme" else {})}
+    out: dict[str, Any] = {
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": geo.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                  "weight_decay": t.weight_decay, "torch_adam": True}},
+        "zero_optimization": zero,
+        "bf16": {"enabled": gpu},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(out, ds.extra)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for k, v in extra.items():
+        base[k] = _merge(dict(base[k]), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
+
+def train_identity(cfg: Config) -> dict[str, Any]:
+    """What a checkpoint must share with the config that resumes it."""
+    r = cfg.resolved()
+    return {"seed": r["run"]["seed"], **{k: r[k] for k in ("data", "pack", "teacher", "cache", "student", "train")}}
+
+
+def _rank0_preflight(cfg: Config, env: DistEnv) -> None:
+    """Rank 0 checks inputs (and packs missing windows) while the others wait; an error
+    reaches every rank so none hangs in a collective."""
+    msg = [None]
+    if env.rank == 0:
+        try:
+            preflight(cfg, env.world)
+        except UserError as err:
+            msg[0] = str(err)
+    dist.broadcast_object_list(msg, src=0)
+    if msg[0] is not None:
+        raise UserError(msg[0])
+
+
+@dataclass
+class StepStats:
+    loss: float
+    kd: float | None
+    ce: float
+    tokens: int
+    wait_s: float
+
+
+def train_step(engine: Any, data: Any, phase: PhasePlan, geo: Geometry, device: torch.device) -> StepStats:
+    """One optimizer step: ``grad_accum`` micro-batches, then sums reduced over all ranks."""
+    sums = torch.zeros(5, dtype=torch.float64)  # kd_sum, ce_sum, kd_positions, ce_positions, wait_s
+    tokens = 0
+    for _ in range(geo.grad_accum):
+        t0 = time.perf_counter()
+        batch = next(data)
+        sums[4] += time.perf_counter() - t0
+        batch = batch.to(device)
+        loss, kd_sum, ce_sum = engine(batch, phase.kd)
+        engine.backward(loss)
+        engine.step()
+        sums[0] += kd_sum.item()
+        sums[1] += ce_sum.item()
+        sums[2] += 0 if batch.ids is None else batch.ids.shape[0] * batch.ids.shape[1]
+        sums[3] += int((batch.labels != -100).sum())
+        tokens += batch.tokens
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    kd = sums[0].item() / sums[2].item() if sums[2] > 0 else None
+    ce = sums[1].item() / max(sums[3].item(), 1.0)
+    a, tau = phase.kd.alpha, phase.kd.temperature
+    loss = (a * tau * tau * kd if kd is not None else 0.0) + (1 - a) * ce
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss} (kd {kd}, ce {ce}) in phase {phase.name}")
+    return StepStats(loss=loss, kd=kd, ce=ce, tokens=tokens * geo.dp, wait_s=sums[4].item() / geo.world)
+
+
+def open_loader(cfg: Config, phase: PhasePlan, geo: Geometry, rank: int, state: Any) -> Any:
+    from stages.train.data import Prefetcher, batches, open_stream
+
+    path = data_dir(cfg, phase)
+    stream = open_stream(phase.source, path, dp_rank=geo.dp_rank(rank), dp_size=geo.dp, seed=cfg.run.seed)
+    if state is not None:
+        stream.load_state_dict(state)
+    source = batches(stream, geo.micro_batch, mode=cfg.pack.mode, window_len=phase.window_len, sp=geo.sp,
+                     sp_rank=geo.sp_rank(rank), with_targets=phase.source == "cache")
+    return Prefetcher(source, cfg.train.prefetch)
+
+
+def train(cfg: Config, resume: bool = False) -> Path:
+    """Train every phase of ``cfg`` on this rank; returns the exported model directory."""
+    import deepspeed
+
+    from stages.rope import apply_rope, plan_phases
+    from stages.student import build_student
+    from stages.tokenizer import load_tokenizer
+    from stages.train.checkpoint import Checkpointer
+    from stages.train.export import export_checkpoint
+    from stages.train.metrics import MetricsLog
+    from stages.train.model import StudentWithLoss, enable_tiled_mlp, setup_sequence_parallel
+
+    env = init_distributed() if not dist.is_initialized() else _env_from_group()
+    _rank0_preflight(cfg, env)
+    torch.set_num_threads(threads_per_rank(env.local_world))
+    geo, phases, run = geometry(cfg, env.world), resolve_phases(cfg), run_dir(cfg)
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if env.rank == 0 else (lambda m: None)
+
+    model, fresh = build_student(cfg)
+    rope_plan = plan_phases(cfg.train.phases, model.config, fresh)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.tiled_mlp:
+        enable_tiled_mlp(model)
+    mpu = setup_sequence_parallel(model, geo.sp, geo.micro_batch) if geo.sp > 1 else None
+    module = StudentWithLoss(model, cfg.train.loss_tile)
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()],
+                                      config=deepspeed_config(cfg, geo, env.gpu), mpu=mpu)
+
+    ckpt = Checkpointer(run / "checkpoints", env.rank, env.world, cfg.train.keep_checkpoints, train_identity(cfg))
+    point = ckpt.resume_point()
+    if resume and point is None:
+        raise UserError(f"--resume: no complete checkpoint under {run / 'checkpoints'}")
+    state = ckpt.load(engine, point) if point else None
+    step = point.step if point else 0
+    if env.rank == 0:
+        atomic_write_bytes(run / "config.json", cfg.to_json().encode())
+    if point:
+        say(f"train: resuming from {point.tag} (step {step})")
+    metrics = MetricsLog(run, step, enabled=env.rank == 0)
+    progress = Progress("train", phases[-1].end, unit="steps", interval=cfg.train.log_every_s,
+                        enabled=env.rank == 0)
+    progress.done = step
+
+    for phase in phases:
+        if step >= phase.end:
+            continue
+        report = apply_rope(model, rope_plan[phase.index], phase.window_len)
+        say(f"train: {phase.name} window {phase.window_len}, steps {phase.start}..{phase.end}, "
+            f"{'KD from ' if phase.source == 'cache' else 'CE on '}{phase.source} (alpha {phase.kd.alpha}); "
+            + report.line(phase.window_len))
+        resume_here = point is not None and point.phase == phase.index and phase.start < step
+        data = open_loader(cfg, phase, geo, env.rank, state if resume_here else None)
+        try:
+            while step < phase.end:
+                lr = lr_at(phase, step - phase.start, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = lr
+                t0 = time.perf_counter()
+                s = train_step(engine, data, phase, geo, env.device)
+                dt = time.perf_counter() - t0
+                step += 1
+                grad_norm = engine.get_global_grad_norm()
+                metrics.log({"phase": phase.index, "step": step, "loss": s.loss, "kd": s.kd, "ce": s.ce, "lr": lr,
+                             "tokens": s.tokens, "tokens_per_s": s.tokens / dt, "step_s": dt,
+                             "wait_s": s.wait_s, "grad_norm": None if grad_norm is None else float(grad_norm),
+                             "phase_name": phase.name})
+                progress.update(1, s.tokens)
+                if step % cfg.train.save_every == 0 or step == phase.end:
+                    ckpt.save(engine, step, phase.index, data.state_dict(), model, tokenizer)
+        finally:
+            data.close()
+    progress.close()
+    metrics.close()
+
+    out = model_dir(cfg)
+    if env.rank == 0 and not (out / "config.json").is_file():
+        export_checkpoint(run / "checkpoints", out, dtype="float32")
+        say(f"train: exported {out}")
+    dist.barrier()
+    return out
+
+
+def _env_from_group() -> DistEnv:
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    world = dist.get_world_size()
+    return DistEnv(rank=dist.get_rank(), world=world, local_rank=local_rank,
+                   local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+                   device=torch.device("cuda", local_rank) if gpu else torch.device("cpu"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m stages.train.loop", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="posdistill YAML (or the resolved config.json of a run)")
+    ap.add_argument("--resume", action="store_true", help="fail unless a complete checkpoint exists")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = ap.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    code = 0
+    try:
+        train(load_config(args.config), resume=args.resume)
+    except UserError as err:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        code = 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The cache stage end to end on an embedded Ray: format, exactness, fingerprints, faults."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import make_tiny_llama
+
+from pipeline.config import parse_config
+from pipeline.errors import UserError
+from stages.cache.manifest import read_manifest
+from stages.cache.reader import ShardReader, check_cache
+from stages.cache.stage import LocalExecutor, cache_dir_for, cache_identity, run_cache
+from stages.cache.verify import verify_cache
+from stages.cache.writer import COMPLETE_KEY, FINGERPRINT_KEY
+from stages.teacher import load_teacher, model_inputs
+
+pytestmark = pytest.mark.slow
+
+
+def make_cfg(root, teacher, **cache):
+    raw = {
+        "run": {"out_dir": str(root / "run"), "seed": 0},
+        "data": {"synthetic": {"num_docs": 120}},
+        "pack": {"window_len": 128, "doc_len": [16, 64], "mode": cache.pop("mode", "doc_masked")},
+        "teacher": {"model": str(teacher), "chunk_len": 48, "batch_size": 2},
+        "cache": {"k": 8, "windows_per_shard": 6, "windows_per_row_group": 2, **cache},
+    }
+    return parse_config(raw)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("teacher"), initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, teacher, ray_local):
+    root = tmp_path_factory.mktemp("cache")
+    cfg = make_cfg(root, teacher)
+    return cfg, run_cache(cfg, verbose=False)
+
+
+def test_layout_schema_and_footers(built):
+    cfg, out = built
+    assert out == cache_dir_for(cfg) and out.parent == cfg.cache_root
+    m = read_manifest(out)
+    assert m["fingerprint"] == out.name and m["kind"] == "topk" and m["k"] == 8 and m["codec"] == "plain"
+    assert (out / "config.json").is_file() and json.loads((out / "config.json").read_text())["cache"]["k"] == 8
+    assert [s["index"] for s in m["shards"]] == list(range(len(m["shards"]))) and len(m["shards"]) > 3
+    assert verify_cache(out) == [] and verify_cache(out, deep=True) == []
+    shard = out / m["shards"][0]["file"]
+    meta = pq.read_metadata(shard)
+    assert meta.metadata[FINGERPRINT_KEY].decode() == out.name and meta.metadata[COMPLETE_KEY] == b"1"
+    schema = pq.read_schema(shard)
+    assert [(f.name, str(f.type)) for f in schema] == [
+        ("window_id", "int64"), ("input_ids", "list<element: int32>"), ("doc_starts", "list<element: int32>"),
+        ("topk_ids", "list<element: int32>"), ("topk_logp", "list<element: halffloat>")]
+    rg = meta.row_group(0)
+    enc = {rg.column(i).path_in_schema: rg.column(i).encodings for i in range(rg.num_columns)}
+    for leaf in ("topk_ids.list.element", "topk_logp.list.element", "input_ids.list.element"):
+        assert "BYTE_STREAM_SPLIT" in enc[leaf], enc
+    assert rg.column(0).compression == "ZSTD"
+    row = pq.read_table(shard).slice(0, 1).to_pylist()[0]
+    assert len(row["topk_ids"]) == len(row["topk_logp"]) == 128 * 8  # flattened position-major
+
+
+def test_cached_topk_equals_full_logit_topk(built, teacher):
+    cfg, out = built
+    model = load_teacher(cfg.teacher)
+    rows = pq.read_table(out / "shard-000002.parquet").to_pylist()
+    for row in rows[:3]:
+        ids = torch.tensor([row["input_ids"]])
+        with torch.no_grad():
+            full = torch.log_softmax(model(**model_inputs(ids, [row["doc_starts"]], "doc_masked")).logits[0].float(), -1)
+        ref = torch.topk(full, 8, -1)
+        got_ids = torch.tensor(row["topk_ids"]).view(128, 8)
+        got_lp = torch.tensor(row["topk_logp"], dtype=torch.float16).view(128, 8).float()
+        assert torch.allclose(got_lp, ref.values, rtol=2**-10, atol=1e-6)  # fp16 rounding
+        tie = torch.isclose(torch.gather(full, -1, got_ids.long()), ref.values, atol=1e-6)
+        assert bool(((got_ids == ref.indices) | tie).all())
+
+
+def test_fingerprint_covers_teacher_packing_k_and_refuses_mismatch(built, teacher, tmp_path):
+    cfg, out = built
+    root = tmp_path
+    base = make_cfg(root, teacher)
+    assert cache_dir_for(base).name == out.name  # cache.root is not part of the identity
+    other_teacher = make_tiny_llama(tmp_path / "t2", initializer_range=0.2, seed=1)
+    changed = {
+        "k": make_cfg(root, teacher, k=16),
+        "teacher": make_cfg(root, other_teacher),
+        "packing": make_cfg(root, teacher, mode="cross_doc"),
+        "temperature": make_cfg(root, teacher, temperature=2.0),
+        "codec": make_cfg(root, teacher, codec="compact"),
+    }
+    names = {key: cache_dir_for(c).name for key, c in changed.items()}
+    assert len(set(names.values()) | {out.name}) == len(names) + 1
+    with pytest.raises(UserError, match=r"\bk \(cache: 8, run: 16\)"):
+        check_cache(out, cache_identity(changed["k"]))
+    with pytest.raises(UserError, match="teacher.files"):
+        ShardReader(out, dp_rank=0, dp_size=1, seed=0, expected_fingerprint=cache_identity(changed["teacher"]))
+    with pytest.raises(UserError, match="attention"):
+        check_cache(out, cache_identity(changed["packing"]))
+    assert check_cache(out, cache_identity(base))["fingerprint"] == out.name
+
+
+def test_rerun_skips_valid_shards(built, capsys):
+    cfg, out = built
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
+    assert run_cache(cfg, executor=LocalExecutor()) == out  # an executor that would recompute, if asked
+    assert "reusing" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")} == before
+
+
+def test_injected_actor_crash_is_retried(teacher, tmp_path, monkeypatch, ray_local, capsys):
+    monkeypatch.setenv("POSDISTILL_FAULT", "crash_once:1")
+    cfg = make_cfg(tmp_path, teacher, windows_per_shard=12)
+    out = run_cache(cfg)
+    assert (out / ".fault-crashed-1").exists()  # the actor really died mid-shard 1
+    assert "teacher actor died on shard 1; retrying" in capsys.readouterr().out
+    assert verify_cache(out) == []
+    assert not list(out.glob(".shard-*"))  # the dead attempt's temp file is gone
+
+
+def test_truncated_shard_is_detected_and_exactly_it_regenerated(built):
+    cfg, out = built
+    bad = out / "shard-000003.parquet"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", "verify", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "shard-000003.parquet" in res.stderr and "shard-000002" not in res.stderr
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet") if p != bad}
+    run_cache(cfg, verbose=False)
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
+    assert {k: after[k] for k in before} == before and after[bad.name] != 0
+    assert verify_cache(out) == []
+
+
+def test_force_rebuilds_everything(built):
+    cfg, out = built
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
+    run_cache(cfg, force=True, executor=LocalExecutor(), verbose=False)
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
+    assert before.keys() == after.keys() and all(before[k] != after[k] for k in before)
+    assert verify_cache(out) == []
+
+
+@pytest.mark.parametrize("codec", ["plain", "compact"])
+def test_sampled_cache_through_the_reader(teacher, tmp_path, codec):
+    cfg = make_cfg(tmp_path, teacher, kind="sampled", samples=6, codec=codec)
+    out = run_cache(cfg, executor=LocalExecutor(), verbose=False)
+    assert verify_cache(out) == []
+    model = load_teacher(cfg.teacher)
+    item = next(iter(ShardReader(out, dp_rank=0, dp_size=1, seed=0)))
+    assert item["counts"].dtype == torch.int16 and item["ids"].dtype == torch.int32
+    assert item["logp"].dtype == torch.float16 and item["ids"].shape == (128, 6)
+    assert bool((item["counts"].long().sum(-1) == 6).all())
+    with torch.no_grad():
+        full = torch.log_softmax(model(**model_inputs(item["input_ids"][None].long(), [item["doc_starts"].tolist()],
+                                                      "doc_masked")).logits[0].float(), -1)
+    want = torch.gather(full, -1, item["ids"].long())
+    valid = item["counts"] > 0
+    tol = 2e-3 if codec == "plain" else 0.2  # compact: |sqrt q - sqrt p| <= 1/256
+    assert bool(((item["logp"].float() - want).abs()[valid] <= tol + 0.02 * want.abs()[valid]).all())
+
+
+def test_cache_info_cli(built):
+    cfg, out = built
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", "info", str(out), "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["k"] == 8 and info["kind"] == "topk" and info["codec"] == "plain"
+    assert info["tokens"] == info["windows"] * 128 and np.isclose(info["bytes_per_entry"], info["bytes_per_token"] / 8)

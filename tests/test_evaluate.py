@@ -1,0 +1,195 @@
+"""Eval stage: probes, scoring, loss by position and the comparison report, on CPU."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from pipeline.config import parse_config
+from stages.evaluate.models import LoadedModel
+from stages.evaluate.report import effective_length
+from stages.evaluate.retrieval import grid, score_probes
+from stages.evaluate.run import run_eval
+from stages.evaluate.tasks import Haystack, build_probes
+from stages.tokenizer import BYTE_VOCAB_SIZE, build_byte_tokenizer
+
+BOS = 257
+
+
+class InductionBody(nn.Module):
+    """Exact induction, computed rather than learned: at each position predict the token that
+    followed the most recent earlier occurrence of the longest suffix (up to ``max_n``) ending
+    there. Hidden state = a scaled one-hot of that prediction, so ``lm_head`` = identity."""
+
+    def __init__(self, vocab: int, max_n: int = 24):
+        super().__init__()
+        self.vocab, self.max_n = vocab, max_n
+        self.dummy = nn.Parameter(torch.zeros(()))  # gives the module a device
+
+    def _predict(self, seq: list[int]) -> list[int]:
+        last: list[dict[tuple, int]] = [dict() for _ in range(self.max_n + 1)]
+        preds = []
+        for t in range(len(seq)):
+            pred = 0
+            for n in range(min(self.max_n, t + 1), 0, -1):
+                s = last[n].get(tuple(seq[t - n + 1:t + 1]))
+                if s is not None:
+                    pred = seq[s + 1]
+                    break
+            preds.append(pred)
+            for n in range(1, min(self.max_n, t + 1) + 1):
+                last[n][tuple(seq[t - n + 1:t + 1])] = t
+        return preds
+
+    def forward(self, input_ids, position_ids=None, use_cache=False, **kwargs):
+        preds = torch.tensor([self._predict(row) for row in input_ids.tolist()])  # [B, T]
+        return SimpleNamespace(last_hidden_state=10.0 * nn.functional.one_hot(preds, self.vocab).float())
+
+
+class InductionLM(nn.Module):
+    def __init__(self, vocab: int = BYTE_VOCAB_SIZE):
+        super().__init__()
+        self.model = InductionBody(vocab)
+        self.lm_head = nn.Linear(vocab, vocab, bias=False)
+        with torch.no_grad():
+            self.lm_head.weight.copy_(torch.eye(vocab))
+
+
+def tiny_llama(seed: int = 0, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=BYTE_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, max_position_embeddings=1024, bos_token_id=BOS, eos_token_id=258,
+                      pad_token_id=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def make_cfg(tmp_path, **eval_over):
+    ev = {"lengths": [64, 128], "depths": [0.0, 0.5, 1.0], "trials": 2, "loss_windows": 2,
+          "loss_buckets": 4, "tile": 48}
+    ev.update(eval_over)
+    return parse_config({
+        "run": {"out_dir": str(tmp_path / "run"), "seed": 3},
+        "data": {"source": "synthetic", "tokenizer": "byte", "synthetic": {"num_docs": 200}},
+        "pack": {"window_len": 128, "doc_len": [16, 48]},
+        "eval": ev,
+    })
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_byte_tokenizer()
+
+
+def test_probe_formats(tok, tmp_path):
+    cfg = make_cfg(tmp_path)
+    hay = Haystack(cfg.data, tok, (16, 48), seed=4, min_tokens=1000)
+    for task in ("passkey", "needle"):
+        probes = build_probes(task, tok, [64, 128], [0.0, 0.5, 1.0], 2, seed=4, haystack=hay)
+        again = build_probes(task, tok, [64, 128], [0.0, 0.5, 1.0], 2, seed=4, haystack=hay)
+        assert [p.context for p in probes] == [p.context for p in again]  # deterministic
+        assert len(probes) == 2 * 3 * 2
+        for p in probes:
+            assert len(p.context) == p.length and p.context[0] == BOS
+            text = bytes(p.context[1:]).decode("latin-1") if all(i < 256 for i in p.context[1:]) else None
+            if task == "passkey":
+                digits = bytes(p.answer).decode()
+                assert len(digits) == 5 and digits.isdigit()
+                assert text.endswith("pass key: ") and f"pass key: {digits}." in text
+            else:
+                assert len(p.answer) == 8
+                key = p.context[-8:]
+                needle = key + p.answer
+                starts = [i for i in range(len(p.context)) if p.context[i:i + 16] == needle]
+                assert len(starts) == 1
+            # the needle sits about (1 - depth) * L before the query
+            assert abs(p.distance - (1 - p.depth) * p.length) <= 0.25 * p.length + 20
+        d0 = [p.distance for p in probes if p.depth == 0.0 and p.length == 128]
+        d1 = [p.distance for p in probes if p.depth == 1.0 and p.length == 128]
+        assert min(d0) > max(d1)
+
+
+def test_perfect_copier_scores_100_and_random_model_near_chance(tok, tmp_path):
+    cfg = make_cfg(tmp_path)
+    hay = Haystack(cfg.data, tok, (16, 48), seed=4, min_tokens=2000)
+    copier, rand = InductionLM(), tiny_llama()
+    for task in ("passkey", "needle"):
+        probes = build_probes(task, tok, [64, 128], [0.0, 0.5, 1.0], 3, seed=4, haystack=hay)
+        g = grid(probes, score_probes(copier, probes, batch_tokens=512), [64, 128], [0.0, 0.5, 1.0])
+        assert np.all(np.asarray(g["exact"]) == 1.0), (task, g["exact"])
+        assert np.all(np.asarray(g["rank"]) == 0.0)
+        g = grid(probes, score_probes(rand, probes, batch_tokens=512), [64, 128], [0.0, 0.5, 1.0])
+        assert np.mean(g["exact"]) <= 0.05
+        # chance: the answer's mean rank among 260 ids is far from the top
+        assert np.mean(g["rank"]) > 20
+        assert np.mean(g["token_acc"]) < 0.2
+
+
+def test_heatmap_shape_bounds_and_effective_length(tok, tmp_path):
+    cfg = make_cfg(tmp_path, loss_windows=0)
+    out = run_eval(cfg, [LoadedModel("copier", InductionLM(), tok)], out=tmp_path / "ev", verbose=False)
+    rep = json.loads((out / "eval.json").read_text())
+    g = rep["models"][0]["tasks"]["passkey"]
+    ex = np.asarray(g["exact"])
+    assert ex.shape == (3, 2)  # [depth, length]
+    assert np.all((ex >= 0) & (ex <= 1))
+    assert g["effective_length"] == 128
+    assert (out / "heatmap-copier.png").stat().st_size > 1000
+    assert effective_length([64, 128, 256], [[1.0, 0.9, 0.0], [1.0, 0.8, 0.1]], 0.86) == 64
+    assert effective_length([64, 128], [[0.0, 0.1]], 0.85) is None
+
+
+def test_eval_two_models_one_table(tmp_path):
+    from pipeline.cli import cli
+
+    tok = build_byte_tokenizer()
+    dirs = []
+    for i in range(2):
+        d = tmp_path / f"student{i}"
+        tiny_llama(seed=i).save_pretrained(d)
+        if i == 0:
+            tok.save_pretrained(d)  # the other falls back to data.tokenizer
+        dirs.append(str(d))
+    cfg = make_cfg(tmp_path)
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(cfg.to_json())
+    args = ["eval", str(cfg_path)] + sum((["--model", d] for d in dirs), []) + ["--out", str(tmp_path / "ev")]
+    res = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "ev"
+    rep = json.loads((out / "eval.json").read_text())
+    assert [m["name"] for m in rep["models"]] == ["student0", "student1"]
+    md = (out / "eval.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| student")]
+    assert len([line for line in table if "eff. length" not in line]) >= 2
+    assert md.count("| model |") == 1 + 2  # one comparison table, one per-length table per task
+    for m in rep["models"]:
+        lb = m["loss_by_position"]
+        assert len(lb["loss"]) == len(lb["bucket_edges"]) - 1 == 4
+        assert all(3.0 < x < 8.0 for x in lb["loss"])  # random model: about ln(260) = 5.56
+    assert (out / "loss_by_position.png").is_file() and (out / "config.json").is_file()
+    assert (out / "heatmap-student0.png").is_file() and (out / "heatmap-student1.png").is_file()
+
+
+def test_bad_model_dir_is_user_error(tmp_path):
+    from pipeline.cli import main
+    import sys
+
+    cfg = make_cfg(tmp_path)
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(cfg.to_json())
+    argv = sys.argv
+    sys.argv = ["posdistill", "eval", str(cfg_path), "--model", str(tmp_path / "nope")]
+    try:
+        with pytest.raises(SystemExit) as e:
+            main()
+    finally:
+        sys.argv = argv
+    assert e.value.code == 2
