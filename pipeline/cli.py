@@ -314,6 +314,34 @@ def cache_info(cache_dir: str, as_json: bool) -> None:
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
+
+# ----------------------------------------------------------------------------- train / export
+
+
+@cli.command()
+@config_arg
+@click.option("--resume", is_flag=True, help="Require a complete checkpoint to continue from (a plain re-run "
+              "also continues from the newest one).")
+@click.option("--workers", type=int, default=None, help="Ranks to start (default: train.workers).")
+def train(config: str, resume: bool, workers: int | None) -> None:
+    """Train the student phase by phase with DeepSpeed (KD from the teacher cache, or CE)."""
+    from stages.train.launch import run_training
+
+    out = run_training(load_config(config), resume=resume, workers=workers)
+    click.echo(f"train: model in {out}")
+
+
+@cli.command()
+@click.argument("ckpt", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32")
+def export(ckpt: str, out: str, dtype: str) -> None:
+    """Export a training checkpoint (a step-* dir, a checkpoints dir or a run dir) as a
+    Hugging Face directory."""
+    from stages.train.export import export_checkpoint
+
+    click.echo(f"export: wrote {export_checkpoint(ckpt, out, dtype=dtype)}")
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

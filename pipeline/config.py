@@ -91,17 +91,21 @@ class BootstrapTaskMix(Strict):
                window; loss after the first period. Content-based copying emerges from it.
     documents: synthetic documents (data.synthetic), BOS-separated and packed cross_doc,
                loss everywhere: the teacher's distributions on the demo's own data.
+    spans:     random text whose later part is spans copied from random earlier positions;
+               loss on every copied token after a span's first. Dense, arbitrary distances,
+               no periodic shortcut.
     needle:    a key+value record inside a haystack of synthetic documents, the key repeated
                at the end; loss on the value only. The probe's format at trained distances.
     """
 
     periodic: float = Field(1.0, ge=0)
     documents: float = Field(0.0, ge=0)
+    spans: float = Field(0.0, ge=0)
     needle: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _some(self) -> "BootstrapTaskMix":
-        if self.periodic + self.documents + self.needle <= 0:
+        if self.periodic + self.documents + self.spans + self.needle <= 0:
             raise ValueError("at least one task weight must be > 0")
         return self
 
@@ -157,6 +161,7 @@ class BootstrapConfig(Strict):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     min_period: int = Field(4, gt=0)
+    span_len: tuple[int, int] = (8, 32)  # copied span lengths of spans rows
     # Token alphabets for periodic rows, one drawn per row: "bytes" (ids 0..255),
     # "printable" (ASCII 32..126), "data" (data.synthetic.alphabet) or literal characters.
     alphabets: list[str] = Field(default_factory=lambda: ["bytes"], min_length=1)

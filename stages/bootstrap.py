@@ -107,6 +107,24 @@ def periodic_row(gen: torch.Generator, window: int, min_p: int, max_p: int,
     return ids, labels
 
 
+def spans_row(gen: torch.Generator, window: int, span_len: tuple[int, int], alphabet: torch.Tensor,
+              copy_from: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random text; after the first ``copy_from`` of the window, spans copied from random
+    places in that random prefix. Every copied token after a span's first is predictable only
+    by finding the span's source by content, at a distance drawn afresh for every span."""
+    ids = alphabet[torch.randint(len(alphabet), (window,), generator=gen)]  # [window]
+    labels = torch.full_like(ids, IGNORE)
+    start = cur = max(span_len[1], int(window * copy_from))
+    while cur < window:
+        n = int(torch.randint(span_len[0], span_len[1] + 1, (1,), generator=gen))
+        n = min(n, window - cur)
+        src = int(torch.randint(0, start - n + 1, (1,), generator=gen))
+        ids[cur:cur + n] = ids[src:src + n].clone()
+        labels[cur + 1:cur + n] = ids[cur + 1:cur + n]
+        cur += n
+    return ids, labels
+
+
 def encode(text: str) -> list[int]:
     """Byte-tokenizer ids without loading the tokenizer (ids 0..255 are the bytes)."""
     return list(text.encode("utf-8"))
@@ -172,21 +190,24 @@ class PhaseSampler:
     min_p: int
     max_p: int
     mix: BootstrapTaskMix
+    span_len: tuple[int, int]
     alphabets: list[torch.Tensor]
     data_alphabet: torch.Tensor
     docs: DocumentStream
     gen: torch.Generator
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        weights = torch.tensor([self.mix.periodic, self.mix.documents, self.mix.needle])
+        weights = torch.tensor([self.mix.periodic, self.mix.documents, self.mix.spans, self.mix.needle])
         kinds = torch.multinomial(weights, size, replacement=True, generator=self.gen).tolist()
         rows = []
         for kind in kinds:
+            a = self.alphabets[int(torch.randint(len(self.alphabets), (1,), generator=self.gen))]
             if kind == 0:
-                a = self.alphabets[int(torch.randint(len(self.alphabets), (1,), generator=self.gen))]
                 rows.append(periodic_row(self.gen, self.window, self.min_p, self.max_p, a))
             elif kind == 1:
                 rows.append(document_row(self.docs, self.window))
+            elif kind == 2:
+                rows.append(spans_row(self.gen, self.window, self.span_len, a))
             else:
                 rows.append(needle_row(self.gen, self.docs, self.window, self.data_alphabet))
         ids = torch.stack([r[0] for r in rows])  # [B, T]
@@ -359,7 +380,7 @@ def train_teacher(cfg: Config, log: list[dict[str, Any]] | None = None, progress
         set_rope_theta(model, s["rope_theta"], max_window)
         sampler = PhaseSampler(
             window=s["window_len"], min_p=s["min_period"], max_p=s["max_period"],
-            mix=phase.mix or boot.mix,
+            mix=phase.mix or boot.mix, span_len=boot.span_len,
             alphabets=[alphabet_ids(a, syn.alphabet) for a in s["alphabets"]],
             data_alphabet=data_alphabet, docs=docs, gen=gen)
         model.train()

@@ -30,7 +30,8 @@ same function, with or without targets, and is the plain next-token baseline.
 q_tail is summed over the non-top-k probabilities directly instead of ``1 - Q`` (or
 log1mexp(log Q)): once a student puts nearly all its mass on the top-k, ``log Q`` is within
 fp32 rounding of 0 and any function of it, however stable, loses the tail; the direct sum
-keeps full relative precision at the cost of one pass over the tile.
+keeps full relative precision at the cost of one pass over the tile. Rows whose tail sum
+underflows fp32 altogether (< 1e-30) are recomputed as a logsumexp over the non-top-k logits.
 
 Gradients with respect to z / tau (derived in docs/train.md), per position:
   bucket       v in K:  q_v (P + p_tail) - p_v       v not in K:  q_v (P - p_tail Q / q_tail)
@@ -42,13 +43,15 @@ Gradients with respect to z / tau (derived in docs/train.md), per position:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
 
 Tail = Literal["bucket", "renormalize"]
 IGNORE = -100
+_TINY = torch.finfo(torch.float32).tiny
+_UNDERFLOW = 1e-30  # a tail sum below this is recomputed in log space
 
 
 @dataclass
@@ -76,8 +79,10 @@ def _xlogy(x: Tensor, y_log: Tensor) -> Tensor:
 
 
 def _tile_terms(z: Tensor, targets: KDTargets | None, labels: Tensor, tail: Tail, tau: float,
-                kd_coef: float, ce_coef: float, want_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Loss sums and d(loss)/dz for one tile. ``z``: [T, V] float32 logits (consumed in place).
+                kd_coef: float, ce_coef: float, want_grad: bool,
+                recompute: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Loss sums and d(loss)/dz for one tile. ``z``: [T, V] float32 logits (consumed in place);
+    ``recompute(rows)`` gives those rows' logits again (rare: tail underflow).
 
     ``kd_coef``/``ce_coef`` are the weights of one position's KL / CE in the loss (normaliser,
     alpha and tau^2 folded in). Returns (kd_sum, ce_sum, grad_z [T, V] or None).
@@ -104,6 +109,7 @@ def _tile_terms(z: Tensor, targets: KDTargets | None, labels: Tensor, tail: Tail
 
     ids = targets.ids.long()  # [T, m]
     logp = targets.logp.float()  # [T, m]
+    under = None
     zt = z.mul_(1.0 / tau) if tau != 1.0 else z  # [T, V], z is no longer needed
     lse = torch.logsumexp(zt, dim=-1, keepdim=True)  # [T, 1]
     logq_k = zt.gather(1, ids) - lse  # [T, m]
@@ -133,9 +139,19 @@ def _tile_terms(z: Tensor, targets: KDTargets | None, labels: Tensor, tail: Tail
         q_mass = q_k.sum(1)  # [T]
         # Direct sum over the non-top-k probabilities (see the module docstring).
         # Zeroing q at K in place is safe: those entries of the gradient are set from q_k below.
-        q_tail = q.scatter_(1, ids, 0.0).sum(1).clamp_min(torch.finfo(torch.float32).tiny)  # [T]
-        kl = _xlogy(p, logp - logq_k).sum(1) + _xlogy(p_tail, p_tail.clamp_min(1e-45).log() - q_tail.log())
-        dense = p_mass - p_tail * q_mass / q_tail  # [T]
+        q_tail = q.scatter_(1, ids, 0.0).sum(1)  # [T]
+        log_q_tail = q_tail.clamp_min(_TINY).log()
+        dense = p_mass - p_tail * q_mass / q_tail.clamp_min(_TINY)  # [T]
+        # Rows whose tail underflows fp32 (a very confident student): redo the tail in log space.
+        under = (q_tail < _UNDERFLOW).nonzero().squeeze(1)  # [u]
+        if under.numel():
+            zu = recompute(under).mul_(1.0 / tau)  # [u, V]
+            zu.scatter_(1, ids[under], float("-inf"))
+            lse_tail = torch.logsumexp(zu, dim=-1, keepdim=True)  # [u, 1]
+            log_q_tail[under] = (lse_tail - lse[under]).squeeze(1)
+            dense[under] = p_mass[under]
+            tail_dist = zu.sub_(lse_tail).exp_()  # [u, V] q_v / q_tail over the non-top-k ids
+        kl = _xlogy(p, logp - logq_k).sum(1) + _xlogy(p_tail, p_tail.clamp_min(1e-45).log() - log_q_tail)
         set_k = q_k * (p_mass + p_tail).unsqueeze(1) - p
         add_k = None
     kd_sum = kl.sum()
@@ -146,6 +162,8 @@ def _tile_terms(z: Tensor, targets: KDTargets | None, labels: Tensor, tail: Tail
     kd_g = kd_coef / tau
     ce_shared = ce_coef if tau == 1.0 else 0.0  # CE rides on q when tau == 1
     g = q.mul_((kd_g * dense).unsqueeze(1) + (ce_shared * ce_valid).unsqueeze(1))  # [T, V]
+    if under is not None and under.numel():
+        g[under] -= (kd_g * p_tail[under] * q_mass[under]).unsqueeze(1) * tail_dist
     if set_k is not None:
         g.scatter_(1, ids, kd_g * set_k + ce_shared * ce_valid.unsqueeze(1) * q_k)
     if add_k is not None:
@@ -174,7 +192,8 @@ class _TiledKDLoss(torch.autograd.Function):
             h = hidden[s:e]  # [T, H]
             z = (h @ weight.t()).float()  # [T, V]
             tgt = None if ids is None else KDTargets(ids[s:e], logp[s:e], None if weights is None else weights[s:e])
-            kd_s, ce_s, g = _tile_terms(z, tgt, labels[s:e], tail, tau, kd_coef, ce_coef, want_grad)
+            recompute = lambda rows, h=h: (h[rows] @ weight.t()).float()  # noqa: E731
+            kd_s, ce_s, g = _tile_terms(z, tgt, labels[s:e], tail, tau, kd_coef, ce_coef, want_grad, recompute)
             kd_total += kd_s
             ce_total += ce_s
             if g is not None:

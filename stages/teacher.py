@@ -177,11 +177,16 @@ class TeacherScorer:
             uniforms = torch.stack([sample_uniforms(self.seed, w, L, self.samples) for w in window_ids])  # [B, L, S]
         for s in range(0, L, self.chunk_len):
             e = min(L, s + self.chunk_len)
-            lp = torch.log_softmax(self._logits(hidden[:, s:e]) / self.temperature, dim=-1)  # [B, c, V]
+            z = self._logits(hidden[:, s:e]).div_(self.temperature)  # [B, c, V]
             if self.kind == "topk":
-                v, i = torch.topk(lp, m, dim=-1)  # [B, c, k], sorted by log-prob
-                ids[:, s:e], logp[:, s:e] = i.int().cpu(), v.cpu()
+                # log p = z - logsumexp(z): the top-k of z are those of log p, and the
+                # normaliser is a reduction, so no second [B, c, V] tensor is written.
+                lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [B, c, 1]
+                v, i = torch.topk(z, m, dim=-1)  # [B, c, k], sorted by log-prob
+                ids[:, s:e], logp[:, s:e] = i.int().cpu(), (v - lse).cpu()
                 continue
+            lp = torch.log_softmax(z, dim=-1)  # [B, c, V]
+            del z
             cdf = torch.cumsum(lp.exp(), dim=-1)  # [B, c, V]
             cdf_len = cdf.shape[-1]
             u = uniforms[:, s:e].to(self.device, torch.float32) * cdf[..., -1:]  # [B, c, S]

@@ -262,6 +262,7 @@ def save_plots(res: dict[str, Any], out: Path) -> None:
     axes[1].set_ylabel("KL(p ‖ p′) of the layer's read-out (nats)")
     for ax in axes:
         ax.set_xlabel("layer (0 = embeddings)")
+        ax.set_xticks(layers)
         ax.set_yscale("symlog", linthresh=1e-6)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, ncol=2)

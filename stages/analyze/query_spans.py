@@ -193,7 +193,8 @@ def save_plot(res: dict[str, Any], path: Path) -> None:
         if rel.shape[0] <= 12:
             ax.legend(fontsize=7)
         ax = axes[1, col]
-        im = ax.imshow(rel.mean(1), aspect="auto", cmap="magma", origin="lower")
+        im = ax.imshow(rel.mean(1), aspect="auto", cmap="magma", origin="lower", vmin=0)
+        ax.set_yticks(range(0, rel.shape[0], max(1, rel.shape[0] // 16)))
         ax.set_xlabel("pair index i (wavelength grows →)")
         ax.set_ylabel("layer")
         bands = band_of(wl, res["windows"])

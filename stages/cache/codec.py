@@ -109,9 +109,10 @@ class PlainCodec:
 
     def decode(self, table: pa.Table) -> Iterator[dict[str, Any]]:
         B = table.num_rows
-        ids = flat_values(table.column("topk_ids")).reshape(B, -1)
-        logp = flat_values(table.column("topk_logp")).reshape(B, -1)
-        counts = flat_values(table.column("counts")).reshape(B, -1) if self.kind == "sampled" else None
+        L = len(table.column("input_ids")[0]) if B else 0
+        ids = flat_values(table.column("topk_ids")).reshape(B, L, -1)
+        logp = flat_values(table.column("topk_logp")).reshape(B, L, -1)
+        counts = flat_values(table.column("counts")).reshape(B, L, -1) if self.kind == "sampled" else None
         for b in range(B):
             yield {"ids": ids[b], "logp": logp[b], "counts": None if counts is None else counts[b]}
 

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -133,6 +134,10 @@ class Fault:
             else:
                 raise UserError(f"{FAULT_ENV}: unknown fault '{part}'")
 
+    @property
+    def active(self) -> bool:
+        return bool(self.crash or self.sleep)
+
     def after_first_row_group(self, index: int) -> None:
         if self.sleep:
             time.sleep(self.sleep)
@@ -167,7 +172,7 @@ class CacheWorker:
 
         job, c = self.job, self.job.cache_cfg
         spec = job.shards[index]
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.process_time()
         codec = make_codec(c.codec, c.kind, job.vocab)
         writer = CacheWriter(Path(job.cache_dir) / shard_name(index), codec, job.fingerprint, index)
         rows = list(read_window_range(job, spec["first_window"], spec["first_window"] + spec["rows"]))
@@ -175,6 +180,10 @@ class CacheWorker:
             raise UserError(f"{job.pack_dir}: expected {spec['rows']} windows from {spec['first_window']}, "
                             f"found {len(rows)}")
         batch = job.teacher_cfg.batch_size
+        # Row group g is encoded and written on a second thread while the teacher computes g+1
+        # (zstd and Parquet release the GIL): the I/O hides behind the forward.
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        pending: Future | None = None
         try:
             for g in range(0, len(rows), c.windows_per_row_group):
                 group = rows[g:g + c.windows_per_row_group]
@@ -187,21 +196,34 @@ class CacheWorker:
                     for key in out:
                         if res[key] is not None:
                             out[key].append(res[key].numpy())
-                writer.write(
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(
+                    writer.write,
                     [r["window_id"] for r in group],
                     np.asarray([r["input_ids"] for r in group], dtype=np.int32),
                     [r["doc_starts"] for r in group],
                     np.concatenate(out["ids"]), np.concatenate(out["logp"]),
                     np.concatenate(out["counts"]) if out["counts"] else None,
                 )
-                if g == 0:
+                if g == 0 and self.fault.active:
+                    pending.result()  # the temp file holds a row group when the fault strikes
                     self.fault.after_first_row_group(index)
+            if pending is not None:
+                pending.result()
             size = writer.close()
         except BaseException:
+            if pending is not None:
+                wait([pending])
             writer.abort()
             raise
+        finally:
+            pool.shutdown(wait=True)
+        # CPU seconds are the process's (all its threads); on a shared machine they are a steadier
+        # measure of cost than wall time. ``process_cpu_seconds`` includes start-up and teacher load.
         return {"index": index, "rows": len(rows), "tokens": len(rows) * job.window_len, "bytes": size,
-                "seconds": time.monotonic() - t0}
+                "seconds": time.monotonic() - t0, "cpu_seconds": time.process_time() - cpu0,
+                "process_cpu_seconds": time.process_time(), "pid": os.getpid()}
 
 
 # ----------------------------------------------------------------------------- executors
@@ -338,17 +360,25 @@ def run_cache(cfg: Config, phase_index: int | None = None, address: str | None =
                   + (f" ({done} valid, skipped)" if done else ""))
         t0 = time.monotonic()
         tokens = 0
+        done_at: list[tuple[float, int]] = []  # (seconds since start, tokens) per finished shard
+        cpu = {"shards": 0.0, "workers": {}}  # shard CPU seconds; cumulative CPU per worker process
         progress = Progress("cache", len(todo), unit="shards", enabled=verbose)
         if todo:
             def on_done(result: dict[str, Any]) -> None:
                 nonlocal tokens
                 tokens += result["tokens"]
+                done_at.append((time.monotonic() - t0, result["tokens"]))
+                cpu["shards"] += result.get("cpu_seconds", 0.0)
+                cpu["workers"][result.get("pid")] = result.get("process_cpu_seconds", 0.0)
                 progress.update(1, result["tokens"])
 
             (executor or _make_executor(cfg, address)).run(job, todo, on_done)
         progress.close()
+        for tmp in cache_dir.glob(TEMP_GLOB):  # left by workers that died mid-shard (their shard was retried)
+            tmp.unlink(missing_ok=True)
         seconds = time.monotonic() - t0
-        manifest = finish(cache_dir, job, identity, cfg, tokens_computed=tokens, seconds=seconds)
+        manifest = finish(cache_dir, job, identity, cfg, tokens_computed=tokens, seconds=seconds, done_at=done_at,
+                          cpu=cpu)
         if verbose:
             print(f"cache: wrote {cache_dir}: {manifest['windows']} windows, {manifest['bytes_per_entry']:.3g} B/entry"
                   + (f", {human(tokens / max(seconds, 1e-9))} tokens/s" if tokens else ""))
@@ -356,7 +386,8 @@ def run_cache(cfg: Config, phase_index: int | None = None, address: str | None =
 
 
 def finish(cache_dir: Path, job: CacheJob, identity: dict[str, Any], cfg: Config, tokens_computed: int,
-           seconds: float) -> dict[str, Any]:
+           seconds: float, done_at: list[tuple[float, int]] | None = None,
+           cpu: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check every shard once more and write the manifest (last)."""
     shards, bad = [], []
     for s in job.shards:
@@ -387,10 +418,22 @@ def finish(cache_dir: Path, job: CacheJob, identity: dict[str, Any], cfg: Config
         "bytes_per_token": total / max(tokens, 1), "bytes_per_entry": total / max(tokens * width, 1),
         "windows_per_shard": c.windows_per_shard, "windows_per_row_group": c.windows_per_row_group,
         "config": {"teacher": job.teacher, "cache": job.cache},
-        "last_run": {"tokens": tokens_computed, "seconds": seconds,
-                     "tokens_per_s": tokens_computed / seconds if seconds > 0 else None},
+        "last_run": _run_stats(tokens_computed, seconds, done_at or [], cpu or {}),
         "shards": shards,
     }
     write_manifest(cache_dir, manifest)
     return manifest
 
+
+
+def _run_stats(tokens: int, seconds: float, done_at: list[tuple[float, int]], cpu: dict[str, Any]) -> dict[str, Any]:
+    """Throughput of the run, and its steady state: from the first finished shard to the last
+    (what remains once actors are up and the teacher is loaded, a one-time cost)."""
+    stats: dict[str, Any] = {"tokens": tokens, "seconds": seconds,
+                             "tokens_per_s": tokens / seconds if seconds > 0 else None,
+                             "first_shard_s": done_at[0][0] if done_at else None, "steady_tokens_per_s": None,
+                             "shard_cpu_seconds": cpu.get("shards"),
+                             "worker_cpu_seconds": sum(cpu.get("workers", {}).values()) if cpu else None}
+    if len(done_at) > 1 and done_at[-1][0] > done_at[0][0]:
+        stats["steady_tokens_per_s"] = sum(t for _, t in done_at[1:]) / (done_at[-1][0] - done_at[0][0])
+    return stats

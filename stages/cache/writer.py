@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.atomic import fsync_dir
@@ -46,8 +47,11 @@ class CacheWriter:
 
     def _open(self) -> pq.ParquetWriter:
         # The compact payload is zstd inside already; compressing it twice only costs time.
-        compression = {c: ("none" if c == "payload" else "zstd") for c in self.schema.names}
-        level = {c: 3 for c in self.schema.names if c != "payload"}
+        # Per-column options are keyed by leaf path ("topk_ids.list.element"); a top-level
+        # name of a nested column is silently ignored.
+        leaves = [f.name + (".list.element" if pa.types.is_list(f.type) else "") for f in self.schema]
+        compression = {c: ("none" if c == "payload" else "zstd") for c in leaves}
+        level = {c: 3 for c in leaves if c != "payload"}
         return pq.ParquetWriter(
             self.tmp, self.schema, compression=compression, compression_level=level, use_dictionary=False,
             column_encoding=self.codec.column_encoding(), write_page_checksum=True, write_statistics=["window_id"],

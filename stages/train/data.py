@@ -152,10 +152,11 @@ def collate(rows: list[dict[str, Any]], mode: str, window_len: int, sp: int, sp_
     labels[:, :-1] = input_ids[:, 1:]  # next token; the last position has none
     ids = logp = weights = None
     if with_targets:
-        ids = torch.stack([torch.as_tensor(r["ids"]) for r in rows]).long()  # [B, L, m]
-        logp = torch.stack([torch.as_tensor(r["logp"]) for r in rows])  # [B, L, m]
+        per_pos = lambda key: torch.stack([torch.as_tensor(r[key]).reshape(L, -1) for r in rows])  # noqa: E731
+        ids = per_pos("ids").long()  # [B, L, m]
+        logp = per_pos("logp")  # [B, L, m]
         if rows[0].get("counts") is not None:
-            counts = torch.stack([torch.as_tensor(r["counts"]) for r in rows]).float()  # [B, L, m]
+            counts = per_pos("counts").float()  # [B, L, m]
             weights = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)  # count / S
     kd_norm, ce_norm = (B * L if with_targets else 0), B * (L - 1)
     if sp > 1:  # keep this rank's slice of the sequence, of every per-position tensor

@@ -21,6 +21,7 @@ from typing import Any
 from pipeline.atomic import atomic_write_bytes
 from pipeline.config import Config
 from pipeline.errors import UserError
+from stages.train.checkpoint import complete_tags
 from stages.train.plan import default_workers, model_dir, preflight, run_dir, threads_per_rank
 
 
@@ -64,6 +65,8 @@ def run_training(cfg: Config, resume: bool = False, workers: int | None = None) 
     workers = workers or cfg.train.workers or default_workers()
     preflight(cfg, workers)
     run = run_dir(cfg)
+    if resume and not complete_tags(run / "checkpoints"):
+        raise UserError(f"--resume: no complete checkpoint under {run / 'checkpoints'}")
     run.mkdir(parents=True, exist_ok=True)
     config_path = run / "config.json"
     atomic_write_bytes(config_path, cfg.to_json().encode())

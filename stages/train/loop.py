@@ -30,6 +30,10 @@ from stages.train.plan import (Geometry, PhasePlan, data_dir, geometry, lr_at, m
                                resolve_phases, run_dir, threads_per_rank)
 
 
+# Test hook: seconds to sleep after every optimizer step, so a test can kill a run mid-phase.
+STEP_DELAY_S = float(os.environ.get("POSDISTILL_STEP_DELAY", "0"))
+
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int
@@ -228,6 +232,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
                              "wait_s": s.wait_s, "grad_norm": None if grad_norm is None else float(grad_norm),
                              "phase_name": phase.name})
                 progress.update(1, s.tokens)
+                if STEP_DELAY_S:
+                    time.sleep(STEP_DELAY_S)
                 if step % cfg.train.save_every == 0 or step == phase.end:
                     ckpt.save(engine, step, phase.index, data.state_dict(), model, tokenizer)
         finally:
