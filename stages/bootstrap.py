@@ -107,19 +107,22 @@ def periodic_row(gen: torch.Generator, window: int, min_p: int, max_p: int,
     return ids, labels
 
 
-def spans_row(gen: torch.Generator, window: int, span_len: tuple[int, int], alphabet: torch.Tensor,
-              copy_from: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random text; after the first ``copy_from`` of the window, spans copied from random
-    places in that random prefix. Every copied token after a span's first is predictable only
-    by finding the span's source by content, at a distance drawn afresh for every span."""
+def spans_row(gen: torch.Generator, window: int, span_len: tuple[int, int], max_distance: int,
+              alphabet: torch.Tensor, copy_from: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random text; after the first ``copy_from`` of the window, back-to-back spans each copied
+    from a distance drawn uniformly in [span length, max_distance]. Every copied token after a
+    span's first is predictable only by finding the span's source by content; uniform
+    distances train short and long retrieval alike (a uniform source position would not)."""
     ids = alphabet[torch.randint(len(alphabet), (window,), generator=gen)]  # [window]
     labels = torch.full_like(ids, IGNORE)
-    start = cur = max(span_len[1], int(window * copy_from))
+    cur = max(span_len[1], int(window * copy_from))
     while cur < window:
-        n = int(torch.randint(span_len[0], span_len[1] + 1, (1,), generator=gen))
-        n = min(n, window - cur)
-        src = int(torch.randint(0, start - n + 1, (1,), generator=gen))
-        ids[cur:cur + n] = ids[src:src + n].clone()
+        n = min(int(torch.randint(span_len[0], span_len[1] + 1, (1,), generator=gen)), window - cur)
+        far = min(cur, max_distance)
+        dist = int(torch.randint(min(n, far), far + 1, (1,), generator=gen))
+        src = cur - dist
+        for i in range(n):  # element-wise: a source overlapping the copy stays correct
+            ids[cur + i] = ids[src + i]
         labels[cur + 1:cur + n] = ids[cur + 1:cur + n]
         cur += n
     return ids, labels
@@ -169,13 +172,17 @@ def needle_context(haystack: list[int], key: list[int], value: list[int], length
     return ctx, at
 
 
-def needle_row(gen: torch.Generator, docs: DocumentStream, window: int, alphabet: torch.Tensor,
-               key_len: int = 8, value_len: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """A needle in a haystack of documents, trained on the value after the final key."""
+def needle_row(gen: torch.Generator, docs: DocumentStream, window: int, max_distance: int,
+               alphabet: torch.Tensor, key_len: int = 8, value_len: int = 8
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A needle in a haystack of documents, trained on the value after the final key; the
+    needle-to-query distance is uniform up to ``max_distance``."""
     kv = alphabet[torch.randint(len(alphabet), (key_len + value_len,), generator=gen)].tolist()
     key, value = kv[:key_len], kv[key_len:]
-    depth = float(torch.rand((), generator=gen))
-    ctx, _ = needle_context(docs.take(window), key, value, window - value_len, depth)
+    length = window - value_len
+    lowest = max(0.0, 1.0 - max_distance / length)
+    depth = lowest + (1.0 - lowest) * float(torch.rand((), generator=gen))
+    ctx, _ = needle_context(docs.take(window), key, value, length, depth)
     ids = torch.tensor(ctx + value)  # [window]
     labels = torch.full_like(ids, IGNORE)
     labels[-value_len:] = ids[-value_len:]
@@ -189,6 +196,7 @@ class PhaseSampler:
     window: int
     min_p: int
     max_p: int
+    max_distance: int
     mix: BootstrapTaskMix
     span_len: tuple[int, int]
     alphabets: list[torch.Tensor]
@@ -207,9 +215,10 @@ class PhaseSampler:
             elif kind == 1:
                 rows.append(document_row(self.docs, self.window))
             elif kind == 2:
-                rows.append(spans_row(self.gen, self.window, self.span_len, a))
+                rows.append(spans_row(self.gen, self.window, self.span_len, self.max_distance, a))
             else:
-                rows.append(needle_row(self.gen, self.docs, self.window, self.data_alphabet))
+                rows.append(needle_row(self.gen, self.docs, self.window, self.max_distance,
+                                       self.data_alphabet))
         ids = torch.stack([r[0] for r in rows])  # [B, T]
         labels = torch.stack([r[1] for r in rows])  # [B, T]
         return ids, labels
@@ -341,6 +350,7 @@ def save_heatmap(probe: dict[str, Any], path: Path, title: str) -> None:
 
 
 def _phase_settings(boot: BootstrapConfig, phase: BootstrapPhase) -> dict[str, Any]:
+    max_distance = phase.max_distance or phase.window_len
     return {
         "window_len": phase.window_len,
         "rope_theta": phase.rope_theta,
@@ -348,7 +358,8 @@ def _phase_settings(boot: BootstrapConfig, phase: BootstrapPhase) -> dict[str, A
         "batch_size": phase.batch_size or boot.batch_size,
         "lr": phase.lr or boot.lr,
         "min_period": phase.min_period or boot.min_period,
-        "max_period": phase.max_period or phase.window_len // 2,
+        "max_period": phase.max_period or min(phase.window_len // 2, max_distance),
+        "max_distance": max_distance,
         "mix": (phase.mix or boot.mix).model_dump(),
         "alphabets": phase.alphabets or boot.alphabets,
     }
@@ -380,6 +391,7 @@ def train_teacher(cfg: Config, log: list[dict[str, Any]] | None = None, progress
         set_rope_theta(model, s["rope_theta"], max_window)
         sampler = PhaseSampler(
             window=s["window_len"], min_p=s["min_period"], max_p=s["max_period"],
+            max_distance=s["max_distance"],
             mix=phase.mix or boot.mix, span_len=boot.span_len,
             alphabets=[alphabet_ids(a, syn.alphabet) for a in s["alphabets"]],
             data_alphabet=data_alphabet, docs=docs, gen=gen)
@@ -453,7 +465,8 @@ def run_bootstrap(cfg: Config, out: str | None = None, progress: bool = True) ->
     passkey = passkey_probe(model, boot.probe.lengths, boot.probe.depths, boot.probe.trials,
                             boot.probe.seed)
     probe_s = time.monotonic() - t1
-    trained_max = max(_phase_settings(boot, p)["max_period"] for p in boot.phases)
+    trained_max = max(max(_phase_settings(boot, p)["max_period"], _phase_settings(boot, p)["max_distance"])
+                      for p in boot.phases)
     meta = {
         "fingerprint": fingerprint(bootstrap_identity(cfg)),
         "config": cfg.teacher.bootstrap.model_dump(mode="json"),

@@ -21,8 +21,9 @@ pretrained student) of window L0 with base theta0:
    32K -> 6.3e5). Below it, attention can no longer prefer a similar token far away.
 
 The first phase is anchored on the student itself: ``rope_theta`` and
-``max_position_embeddings`` of ``student.init``, or 1e4 at 4096 (Llama 2) for a student
-built from ``student.config``. With a scaling type (linear, dynamic, yarn, longrope,
+``max_position_embeddings`` of ``student.init`` (``original_max_position_embeddings`` when
+its config already carries a scaling type), or 1e4 at 4096 (Llama 2) for a student built
+from ``student.config``. With a scaling type (linear, dynamic, yarn, longrope,
 llama3) ``theta: auto`` keeps the previous base and lets the scaling do the extension;
 ``factor`` defaults to L / original_max_position_embeddings (the previous window).
 
@@ -109,7 +110,10 @@ def initial_anchor(model_config: Any, fresh: bool) -> RopeAnchor:
         return RopeAnchor(*FRESH_ANCHOR)
     params = getattr(model_config, "rope_parameters", None) or {}
     theta = float(params.get("rope_theta", getattr(model_config, "rope_theta", 10_000.0)))
-    return RopeAnchor(theta, int(model_config.max_position_embeddings))
+    # A student already extended by a scaling type (e.g. Llama 3.x's llama3) was pretrained
+    # at original_max_position_embeddings with this base.
+    window = params.get("original_max_position_embeddings") or model_config.max_position_embeddings
+    return RopeAnchor(theta, int(window))
 
 
 def rope_parameters(rope: RopeConfig, window_len: int, anchor: RopeAnchor, head_dim: int,
@@ -179,9 +183,8 @@ def apply_rope(model: Any, params: dict[str, Any], window_len: int) -> RopeRepor
     new_cfg = config_for_phase(model.config, params, window_len)
     model.config.rope_parameters = new_cfg.rope_parameters
     model.config.max_position_embeddings = new_cfg.max_position_embeddings
-    backbone = model.model
-    old = backbone.rotary_emb
-    device = old.inv_freq.device
-    new = type(old)(model.config)
-    backbone.rotary_emb = new.to(device)
-    return RopeReport(dict(model.config.rope_parameters), rotating_pairs(new.inv_freq, window_len), new.inv_freq.numel())
+    old = model.model.rotary_emb
+    new = type(old)(model.config).to(old.inv_freq.device)
+    model.model.rotary_emb = new
+    pairs = rotating_pairs(new.inv_freq, window_len)
+    return RopeReport(dict(model.config.rope_parameters), pairs, new.inv_freq.numel())

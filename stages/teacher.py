@@ -177,7 +177,9 @@ class TeacherScorer:
             uniforms = torch.stack([sample_uniforms(self.seed, w, L, self.samples) for w in window_ids])  # [B, L, S]
         for s in range(0, L, self.chunk_len):
             e = min(L, s + self.chunk_len)
-            z = self._logits(hidden[:, s:e]).div_(self.temperature)  # [B, c, V]
+            z = self._logits(hidden[:, s:e])  # [B, c, V]
+            if self.temperature != 1.0:
+                z.div_(self.temperature)
             if self.kind == "topk":
                 # log p = z - logsumexp(z): the top-k of z are those of log p, and the
                 # normaliser is a reduction, so no second [B, c, V] tensor is written.

@@ -28,7 +28,7 @@ def make_cfg(root, teacher, **cache):
         "data": {"synthetic": {"num_docs": 120}},
         "pack": {"window_len": 128, "doc_len": [16, 64], "mode": cache.pop("mode", "doc_masked")},
         "teacher": {"model": str(teacher), "chunk_len": 48, "batch_size": 2},
-        "cache": {"k": 8, "windows_per_shard": 6, "windows_per_row_group": 2, **cache},
+        "cache": {"k": 8, "windows_per_shard": 6, "windows_per_row_group": 2, "codec": "plain", **cache},
     }
     return parse_config(raw)
 
@@ -119,7 +119,7 @@ def test_rerun_skips_valid_shards(built, capsys):
 
 def test_injected_actor_crash_is_retried(teacher, tmp_path, monkeypatch, ray_local, capsys):
     monkeypatch.setenv("POSDISTILL_FAULT", "crash_once:1")
-    cfg = make_cfg(tmp_path, teacher, windows_per_shard=12)
+    cfg = make_cfg(tmp_path, teacher, windows_per_shard=12, codec="compact")
     out = run_cache(cfg)
     assert (out / ".fault-crashed-1").exists()  # the actor really died mid-shard 1
     assert "teacher actor died on shard 1; retrying" in capsys.readouterr().out

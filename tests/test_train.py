@@ -138,6 +138,13 @@ def test_exported_model_loads_and_moved_toward_the_teacher(setup, zero2):
 
     assert kl(trained) < kl(init)
 
+    # `posdistill export` on the run directory rebuilds the same model from the newest checkpoint.
+    from stages.train.export import export_checkpoint
+
+    again = AutoModelForCausalLM.from_pretrained(export_checkpoint(out.parent, root / "exported")).eval()
+    for (n, a), b in zip(trained.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), n
+
 
 def test_zero3_gives_the_zero2_losses(setup, zero2):
     root, base = setup

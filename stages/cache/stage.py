@@ -100,8 +100,12 @@ class CacheJob:
         return min(c.k if c.kind == "topk" else c.samples, self.vocab)
 
 
-def read_window_range(job: CacheJob, start: int, stop: int) -> Iterator[dict[str, Any]]:
-    """Rows of windows [start, stop) from the packed-window files, in window order."""
+def read_window_range(job: CacheJob, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+    """Windows [start, stop) from the packed-window files: window ids [n], input_ids int32 [n, L]
+    and doc_starts, read column-wise (no per-token Python objects)."""
+    from stages.cache.codec import flat_values
+
+    wids, inputs, starts = [], [], []
     for name, first, rows in job.pack_files:
         if first + rows <= start or first >= stop:
             continue
@@ -112,8 +116,13 @@ def read_window_range(job: CacheJob, start: int, stop: int) -> Iterator[dict[str
             lo, hi = max(start, offset), min(stop, offset + n)
             if lo < hi:
                 table = pf.read_row_group(g).slice(lo - offset, hi - lo)
-                yield from table.to_pylist()
+                wids.append(table.column("window_id").to_numpy())
+                inputs.append(np.asarray(flat_values(table.column("input_ids")), dtype=np.int32).reshape(hi - lo, -1))
+                starts += table.column("doc_starts").to_pylist()
             offset += n
+    if not wids:
+        return np.zeros(0, np.int64), np.zeros((0, job.window_len), np.int32), []
+    return np.concatenate(wids), np.concatenate(inputs), starts
 
 
 class Fault:
@@ -175,34 +184,30 @@ class CacheWorker:
         t0, cpu0 = time.monotonic(), time.process_time()
         codec = make_codec(c.codec, c.kind, job.vocab)
         writer = CacheWriter(Path(job.cache_dir) / shard_name(index), codec, job.fingerprint, index)
-        rows = list(read_window_range(job, spec["first_window"], spec["first_window"] + spec["rows"]))
-        if len(rows) != spec["rows"]:
+        wids, inputs, starts = read_window_range(job, spec["first_window"], spec["first_window"] + spec["rows"])
+        if len(wids) != spec["rows"] or (len(wids) and wids[0] != spec["first_window"]):
             raise UserError(f"{job.pack_dir}: expected {spec['rows']} windows from {spec['first_window']}, "
-                            f"found {len(rows)}")
+                            f"found {len(wids)}")
         batch = job.teacher_cfg.batch_size
         # Row group g is encoded and written on a second thread while the teacher computes g+1
         # (zstd and Parquet release the GIL): the I/O hides behind the forward.
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         pending: Future | None = None
         try:
-            for g in range(0, len(rows), c.windows_per_row_group):
-                group = rows[g:g + c.windows_per_row_group]
+            for g in range(0, len(wids), c.windows_per_row_group):
+                gs = slice(g, g + c.windows_per_row_group)
                 out: dict[str, list] = {"ids": [], "logp": [], "counts": []}
-                for b in range(0, len(group), batch):
-                    part = group[b:b + batch]
-                    ids = torch.tensor(np.asarray([r["input_ids"] for r in part], dtype=np.int64))
-                    res = self.scorer.score(ids, [r["doc_starts"] for r in part], job.mode,
-                                            [r["window_id"] for r in part])
+                for b in range(g, min(len(wids), g + c.windows_per_row_group), batch):
+                    bs = slice(b, min(b + batch, gs.stop))
+                    res = self.scorer.score(torch.from_numpy(inputs[bs]).long(), starts[bs], job.mode,
+                                            wids[bs].tolist())
                     for key in out:
                         if res[key] is not None:
                             out[key].append(res[key].numpy())
                 if pending is not None:
                     pending.result()
                 pending = pool.submit(
-                    writer.write,
-                    [r["window_id"] for r in group],
-                    np.asarray([r["input_ids"] for r in group], dtype=np.int32),
-                    [r["doc_starts"] for r in group],
+                    writer.write, wids[gs].tolist(), inputs[gs], starts[gs],
                     np.concatenate(out["ids"]), np.concatenate(out["logp"]),
                     np.concatenate(out["counts"]) if out["counts"] else None,
                 )
@@ -221,7 +226,7 @@ class CacheWorker:
             pool.shutdown(wait=True)
         # CPU seconds are the process's (all its threads); on a shared machine they are a steadier
         # measure of cost than wall time. ``process_cpu_seconds`` includes start-up and teacher load.
-        return {"index": index, "rows": len(rows), "tokens": len(rows) * job.window_len, "bytes": size,
+        return {"index": index, "rows": len(wids), "tokens": len(wids) * job.window_len, "bytes": size,
                 "seconds": time.monotonic() - t0, "cpu_seconds": time.process_time() - cpu0,
                 "process_cpu_seconds": time.process_time(), "pid": os.getpid()}
 

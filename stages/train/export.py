@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 from pathlib import Path
 
 from pipeline.atomic import atomic_dir
@@ -21,6 +22,9 @@ PREFIX = "model."  # StudentWithLoss holds the HF model as .model
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str = "float32") -> Path:
     import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks one (and warns)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,12 +49,11 @@ class DistEnv:
 
 
 def init_distributed() -> DistEnv:
-    """Join (or reuse, under Ray Train) the process group; gloo on CPU, nccl on GPU."""
-    import deepspeed
-
+    """Join the process group, or wrap the one Ray Train made; gloo on CPU, nccl on GPU."""
     gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
     if not gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed  # after DS_ACCELERATOR: it picks its accelerator on import
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if gpu:
         torch.cuda.set_device(local_rank)
@@ -163,35 +163,43 @@ def open_loader(cfg: Config, phase: PhasePlan, geo: Geometry, rank: int, state: 
     return Prefetcher(source, cfg.train.prefetch)
 
 
-def train(cfg: Config, resume: bool = False) -> Path:
-    """Train every phase of ``cfg`` on this rank; returns the exported model directory."""
+def build_engine(cfg: Config, geo: Geometry, env: DistEnv) -> tuple[Any, Any, list[dict[str, Any]]]:
+    """(DeepSpeed engine, the HF student inside it, every phase's rope_parameters)."""
     import deepspeed
 
-    from stages.rope import apply_rope, plan_phases
+    from stages.rope import plan_phases
     from stages.student import build_student
-    from stages.tokenizer import load_tokenizer
-    from stages.train.checkpoint import Checkpointer
-    from stages.train.export import export_checkpoint
-    from stages.train.metrics import MetricsLog
-    from stages.train.model import StudentWithLoss, enable_tiled_mlp, setup_sequence_parallel
-
-    env = init_distributed() if not dist.is_initialized() else _env_from_group()
-    _rank0_preflight(cfg, env)
-    torch.set_num_threads(threads_per_rank(env.local_world))
-    geo, phases, run = geometry(cfg, env.world), resolve_phases(cfg), run_dir(cfg)
-    say = (lambda m: print(m, file=sys.stderr, flush=True)) if env.rank == 0 else (lambda m: None)
+    from stages.train.model import StudentWithLoss, enable_checkpointing, enable_tiled_mlp, setup_sequence_parallel
 
     model, fresh = build_student(cfg)
     rope_plan = plan_phases(cfg.train.phases, model.config, fresh)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if cfg.train.tiled_mlp:
         enable_tiled_mlp(model)
     mpu = setup_sequence_parallel(model, geo.sp, geo.micro_batch) if geo.sp > 1 else None
     module = StudentWithLoss(model, cfg.train.loss_tile)
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()],
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=list(module.parameters()),
                                       config=deepspeed_config(cfg, geo, env.gpu), mpu=mpu)
+    return engine, model, rope_plan
+
+
+def train(cfg: Config, resume: bool = False) -> Path:
+    """Train every phase of ``cfg`` on this rank; returns the exported model directory."""
+    from stages.rope import apply_rope
+    from stages.tokenizer import load_tokenizer
+    from stages.train.checkpoint import Checkpointer
+    from stages.train.export import export_checkpoint
+    from stages.train.metrics import MetricsLog
+
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")  # DeepSpeed's own call
+    env = init_distributed()
+    _rank0_preflight(cfg, env)
+    torch.set_num_threads(threads_per_rank(env.local_world))
+    geo, phases, run = geometry(cfg, env.world), resolve_phases(cfg), run_dir(cfg)
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if env.rank == 0 else (lambda m: None)
+    engine, model, rope_plan = build_engine(cfg, geo, env)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
 
     ckpt = Checkpointer(run / "checkpoints", env.rank, env.world, cfg.train.keep_checkpoints, train_identity(cfg))
     point = ckpt.resume_point()
@@ -247,15 +255,6 @@ def train(cfg: Config, resume: bool = False) -> Path:
         say(f"train: exported {out}")
     dist.barrier()
     return out
-
-
-def _env_from_group() -> DistEnv:
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
-    world = dist.get_world_size()
-    return DistEnv(rank=dist.get_rank(), world=world, local_rank=local_rank,
-                   local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
-                   device=torch.device("cuda", local_rank) if gpu else torch.device("cpu"))
 
 
 def main(argv: list[str] | None = None) -> None:

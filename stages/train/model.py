@@ -73,6 +73,15 @@ def enable_tiled_mlp(model: nn.Module) -> int:
     return n
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (non-reentrant, as DeepSpeed ZeRO-3 needs)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def setup_sequence_parallel(model: nn.Module, sp: int, micro_batch: int) -> Any:
     """Register Ulysses attention with transformers; returns the mpu for deepspeed.initialize."""
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF

@@ -1,0 +1,115 @@
+"""Training inputs: packed-window sharding and exact resume, read-ahead state, SP slices,
+and the student module with tiled MLP / gradient checkpointing."""
+
+import copy
+
+import pytest
+import torch
+
+from pipeline.config import KDConfig, parse_config
+from stages.train.data import EpochStream, PackedWindowReader, Prefetcher, batches, collate
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    from stages.pack import pack_spec, run_pack
+
+    cfg = parse_config({"run": {"out_dir": str(tmp_path_factory.mktemp("pack")), "seed": 3},
+                        "data": {"source": "synthetic", "synthetic": {"num_docs": 200}},
+                        "pack": {"window_len": 64, "doc_len": [8, 32], "mode": "doc_masked"}})
+    return run_pack(cfg, pack_spec(cfg), verbose=False)
+
+
+def _ids(items):
+    return [r["window_id"] for r in items]
+
+
+def test_ranks_split_the_windows_and_epochs_reshuffle(packed):
+    r0 = PackedWindowReader(packed, dp_rank=0, dp_size=2, seed=0)
+    r1 = PackedWindowReader(packed, dp_rank=1, dp_size=2, seed=0)
+    a, b = _ids(r0), _ids(r1)
+    assert len(a) == len(b) > 0 and not set(a) & set(b)
+    again = _ids(PackedWindowReader(packed, dp_rank=0, dp_size=2, seed=0))
+    other_epoch = _ids(PackedWindowReader(packed, dp_rank=0, dp_size=2, seed=0, epoch=1))
+    assert a == again and sorted(a + b) == sorted(other_epoch + _ids(
+        PackedWindowReader(packed, dp_rank=1, dp_size=2, seed=0, epoch=1)))
+
+
+def test_stream_state_resumes_exactly_across_epochs(packed):
+    make = lambda e: PackedWindowReader(packed, dp_rank=0, dp_size=1, seed=0, epoch=e)  # noqa: E731
+    n = len(make(0))
+    full = EpochStream(make)
+    reference = [next(full)["window_id"] for _ in range(n + 5)]
+    s = EpochStream(make)
+    first = [next(s)["window_id"] for _ in range(n - 2)]
+    state = copy.deepcopy(s.state_dict())
+    resumed = EpochStream(make)
+    resumed.load_state_dict(state)
+    assert first + [next(resumed)["window_id"] for _ in range(7)] == reference
+
+
+def test_prefetcher_state_is_that_of_the_last_consumed_batch(packed):
+    make = lambda e: PackedWindowReader(packed, dp_rank=0, dp_size=1, seed=0, epoch=e)  # noqa: E731
+    kw = dict(mode="doc_masked", window_len=64, sp=1, sp_rank=0, with_targets=False)
+    pf = Prefetcher(batches(EpochStream(make), 2, **kw), depth=4)
+    first = [next(pf) for _ in range(3)]
+    state = copy.deepcopy(pf.state_dict())
+    nxt = next(pf)
+    pf.close()
+    assert state["reader"]["consumed"] == 6  # 3 batches of 2, however far the thread read ahead
+    s = EpochStream(make)
+    s.load_state_dict(state)
+    again = next(batches(s, 2, **kw))[0]
+    assert torch.equal(again.input_ids, nxt.input_ids) and not torch.equal(first[-1].input_ids, nxt.input_ids)
+
+
+def _row(L, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"window_id": seed, "input_ids": torch.randint(0, 250, (L,), generator=g, dtype=torch.int32),
+            "doc_starts": torch.tensor([0, 10, 40], dtype=torch.int32),
+            "ids": torch.randint(0, 250, (L * m,), generator=g, dtype=torch.int32),  # flat, as the cache stores it
+            "logp": torch.randn(L * m, generator=g).half(),
+            "counts": torch.randint(0, 3, (L * m,), generator=g, dtype=torch.int16)}
+
+
+def test_sequence_parallel_slices_every_per_position_tensor():
+    rows = [_row(64, 4, 0), _row(64, 4, 1)]
+    full = collate(rows, "doc_masked", 64, sp=1, sp_rank=0, with_targets=True)
+    parts = [collate(rows, "doc_masked", 64, sp=2, sp_rank=r, with_targets=True) for r in (0, 1)]
+    for name in ("input_ids", "position_ids", "labels", "ids", "logp", "weights"):
+        joined = torch.cat([getattr(p, name) for p in parts], dim=1)
+        assert torch.equal(joined, getattr(full, name)), name
+    assert full.labels[0, -1] == -100 and torch.equal(full.labels[:, :-1], full.input_ids[:, 1:])
+    assert full.position_ids[0, 10] == 0 and full.position_ids[0, 39] == 29  # doc_masked positions restart
+    assert parts[0].kd_norm == full.kd_norm == 2 * 64 and parts[1].ce_norm == 2 * 63
+    w = full.weights
+    assert torch.allclose(w.sum(-1)[w.sum(-1) > 0], torch.tensor(1.0))  # counts / S per position
+
+
+def test_tiled_mlp_and_checkpointing_keep_loss_and_gradients():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stages.train.model import StudentWithLoss, enable_checkpointing, enable_tiled_mlp
+
+    rows = [_row(64, 4, 2)]
+    batch = collate(rows, "cross_doc", 64, sp=1, sp_rank=0, with_targets=True)
+    kd = KDConfig(alpha=0.5)
+
+    def run(tiled: bool, ckpt: bool):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=260, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=2, num_attention_heads=2))
+        model.train()
+        if tiled:
+            assert enable_tiled_mlp(model) == 2
+        if ckpt:
+            enable_checkpointing(model)
+        module = StudentWithLoss(model, tile=16)
+        loss, _, _ = module(batch, kd)
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    ref_loss, ref_grad = run(False, False)
+    for tiled, ckpt in ((True, False), (False, True), (True, True)):
+        loss, grad = run(tiled, ckpt)
+        assert loss == pytest.approx(ref_loss, rel=1e-6) and torch.allclose(grad, ref_grad, atol=1e-6)
