@@ -68,16 +68,19 @@ def measure(source: str, vocab: int, input_ids: np.ndarray, ids: np.ndarray, log
     encode_s = time.perf_counter() - t0
     pf = pq.ParquetFile(path)
     codec = codec_from_footer(codec_name, "topk", pf.metadata.metadata)
-    t0 = time.perf_counter()
-    decoded = [d for g in range(pf.metadata.num_row_groups) for d in codec.decode(pf.read_row_group(g))]
-    decode_s = time.perf_counter() - t0
+    decode_s = float("inf")
+    for _ in range(3):  # best of three: the machine is shared
+        t0 = time.perf_counter()
+        decoded = [d for g in range(pf.metadata.num_row_groups) for d in codec.decode(pf.read_row_group(g))]
+        decode_s = min(decode_s, time.perf_counter() - t0)
     dec_ids = np.stack([d["ids"] for d in decoded]).reshape(-1, k)
     dec_lp = np.stack([d["logp"] for d in decoded]).reshape(-1, k)
     kl = kl_decoded_vs_exact(ids.reshape(-1, k), logp.reshape(-1, k), dec_ids, dec_lp)
     tokens = W * L
     return {"source": source, "k": k, "codec": codec_name, "bytes": size, "bytes_per_token": size / tokens,
             "bytes_per_entry": size / (tokens * k), "kl_mean": float(kl.mean()), "kl_p99": float(np.quantile(kl, 0.99)),
-            "encode_entries_per_s": tokens * k / encode_s, "decode_windows_per_s": W / decode_s}
+            "encode_entries_per_s": tokens * k / encode_s, "decode_windows_per_s": W / decode_s,
+            "decode_entries_per_s": tokens * k / decode_s}
 
 
 def synthetic_source(windows: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

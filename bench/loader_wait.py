@@ -42,6 +42,7 @@ def main() -> None:
             "train": {"batch_size": 2, "workers": 2, "save_every": 1000, "warmup_steps": 2, "lr": 1e-3,
                       "phases": [{"window_len": 1024, "steps": STEPS}]},
         }
+        codec = parse_config(cfg).cache.codec  # the default codec, as users get it
         run_cache(parse_config(cfg), 0, executor=LocalExecutor(), verbose=False)
         (d / "c.yaml").write_text(yaml.safe_dump(cfg))
         subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(d / "c.yaml")], cwd=ROOT, check=True,
@@ -56,7 +57,7 @@ def main() -> None:
         "first_step": {"wait_s": round(rows[0]["wait_s"], 4), "step_s": round(rows[0]["step_s"], 3)},
         "tokens_per_s_median": round(sorted(r["tokens_per_s"] for r in steady)[len(steady) // 2], 1),
         "setup": {"ranks": 2, "zero_stage": 2, "window": 1024, "k": 32, "student": "llama hidden 256 x 4 layers",
-                  "prefetch": 4, "source": "teacher cache (Parquet, plain codec)"},
+                  "prefetch": 4, "source": f"teacher cache (Parquet, {codec} codec)"},
         "machine": machine(),
     }
     RESULTS.mkdir(exist_ok=True)

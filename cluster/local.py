@@ -19,24 +19,32 @@ _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 _PROJECT_PACKAGES = ("pipeline", "stages", "cluster")
 
 
-def start_local(num_cpus: int | None = None, num_gpus: int | None = None, **kwargs: Any) -> None:
-    """A fresh single-node Ray bound to 127.0.0.1 (dashboard off, token auth as Ray's default)."""
-    import ray
+@contextlib.contextmanager
+def _loopback() -> Iterator[None]:
+    """Keep Ray on 127.0.0.1 for what starts inside the block (see the module docstring)."""
     from ray._private import ray_constants
 
     saved_env, saved_const = os.environ.get(_LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
     os.environ[_LOOPBACK_ENV] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                 num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=True,
-                 logging_level="WARNING", configure_logging=True, **kwargs)
+        yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_const
         if saved_env is None:
             os.environ.pop(_LOOPBACK_ENV, None)
         else:
             os.environ[_LOOPBACK_ENV] = saved_env
+
+
+def start_local(num_cpus: int | None = None, num_gpus: int | None = None, **kwargs: Any) -> None:
+    """A fresh single-node Ray bound to 127.0.0.1 (dashboard off, token auth as Ray's default)."""
+    import ray
+
+    with _loopback():
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                 num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=True,
+                 logging_level="WARNING", configure_logging=True, **kwargs)
 
 
 def project_runtime_env() -> dict[str, Any]:
@@ -51,18 +59,46 @@ def connect(address: str) -> None:
     token-protected cluster needs ``RAY_AUTH_MODE=token`` and its token in the environment."""
     import ray
 
-    try:
-        ray.init(address=address, runtime_env=project_runtime_env(), logging_level="WARNING")
-    except (ConnectionError, ValueError, RuntimeError) as err:
-        from pipeline.errors import UserError
+    from pipeline.errors import UserError
 
-        raise UserError(f"cluster.address: cannot connect to Ray at '{address}': {str(err).splitlines()[0][:300]}") from None
+    if address.startswith(("http://", "https://")):
+        raise UserError(f"--address: {address} is a dashboard (job submission) address; run the stage there with "
+                        "`posdistill submit cache CONFIG`, or give the cluster's GCS address (host:6379) or "
+                        "ray://host:10001 to drive it from here")
+    # Inside a submitted Ray job ("auto") the job's runtime_env already carries the project.
+    kwargs = {} if address == "auto" else {"runtime_env": project_runtime_env()}
+    # A head on loopback (`posdistill cluster up`) is only reachable from a loopback driver.
+    on_loopback = address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost")
+    try:
+        with _loopback() if on_loopback else contextlib.nullcontext():
+            ray.init(address=address, logging_level="WARNING", **kwargs)
+    except (ConnectionError, ValueError, RuntimeError) as err:
+        hint = ""
+        if os.environ.get("RAY_AUTH_MODE") != "token":
+            from cluster.auth import HOW_TO_AUTH
+
+            hint = f"; if the cluster uses token authentication (Ray's default), export RAY_AUTH_MODE=token and {HOW_TO_AUTH}"
+        raise UserError(f"cannot connect to Ray at '{address}': {str(err).splitlines()[0][:300]}{hint}") from None
+
+
+def resolve_address(explicit: str | None, configured: str | None = None) -> str | None:
+    """Which Ray to use: an explicit ``--address``; else the cluster this process runs in (a
+    submitted job has ``RAY_ADDRESS``); else ``cluster.address`` unless it is "local" or a
+    dashboard URL (those mean "start an embedded Ray" and "submit jobs there"); else None,
+    which starts an embedded Ray on 127.0.0.1."""
+    if explicit:
+        return explicit
+    if os.environ.get("RAY_ADDRESS"):
+        return "auto"
+    if configured and configured != "local" and not configured.startswith(("http://", "https://")):
+        return configured
+    return None
 
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None) -> Iterator[bool]:
-    """Use the Ray this process is already connected to, else start/attach one for the
-    duration of the block. Yields whether the cluster is the embedded local one."""
+    """Use the Ray this process is already connected to, else start (address None or "local")
+    or attach to one for the duration of the block. Yields whether Ray runs embedded here."""
     import ray
 
     if ray.is_initialized():

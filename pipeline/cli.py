@@ -269,8 +269,8 @@ def cache() -> None:
 
 @cache.command("run")
 @config_arg
-@click.option("--address", default=None, help="Ray cluster to attach to (default: cluster.address; "
-              "'local' starts an embedded Ray on 127.0.0.1).")
+@click.option("--address", default=None, help="Ray cluster to attach to (host:6379, ray://host:10001; default: "
+              "the cluster this runs in, else cluster.address, else an embedded Ray on 127.0.0.1).")
 @click.option("--force", is_flag=True, help="Rebuild every shard.")
 @click.option("--phase", type=int, default=None, help="Cache the windows of train.phases[N] instead of pack.")
 def cache_run(config: str, address: str | None, force: bool, phase: int | None) -> None:
@@ -280,7 +280,6 @@ def cache_run(config: str, address: str | None, force: bool, phase: int | None) 
     cfg = load_config(config)
     if phase is not None and not 0 <= phase < len(cfg.train.phases):
         raise UserError(f"--phase {phase}: the config has {len(cfg.train.phases)} train.phases")
-    address = address or (None if cfg.cluster.address == "local" else cfg.cluster.address)
     click.echo(run_cache(cfg, phase_index=phase, address=address, force=force))
 
 

@@ -123,6 +123,7 @@ class BootstrapPhase(Strict):
     max_period: int | None = Field(None, gt=0)  # default: min(window_len // 2, max_distance)
     mix: BootstrapTaskMix | None = None  # default: teacher.bootstrap.mix
     alphabets: list[str] | None = Field(None, min_length=1)  # default: teacher.bootstrap.alphabets
+    decay: bool = False  # cosine-decay the learning rate to 10% over the phase
 
     @model_validator(mode="after")
     def _periods(self) -> "BootstrapPhase":
@@ -155,6 +156,9 @@ class BootstrapConfig(Strict):
     hidden_size: int = Field(64, gt=0)
     num_hidden_layers: int = Field(2, gt=0)
     num_attention_heads: int = Field(4, gt=0)
+    # Per-head width; default hidden_size // heads. Content matching across a long window
+    # lives in the slowly rotating RoPE pairs, so wider heads retrieve far better.
+    head_dim: int | None = Field(None, gt=0)
     intermediate_size: int | None = Field(None, gt=0)  # default: 4 * hidden_size
     # Trained phase-wise like the students: each phase sets its window and RoPE theta.
     phases: list[BootstrapPhase] = Field(min_length=1)
@@ -165,6 +169,9 @@ class BootstrapConfig(Strict):
     grad_clip: float = Field(1.0, ge=0)
     min_period: int = Field(4, gt=0)
     span_len: tuple[int, int] = (8, 32)  # copied span lengths of spans rows
+    # Copy distances [lo, hi] (inclusive) that no task ever trains: retrieval there shows
+    # content-based copying, not a learned positional offset.
+    holdout_distances: list[tuple[int, int]] = Field(default_factory=list)
     # Token alphabets for periodic rows, one drawn per row: "bytes" (ids 0..255),
     # "printable" (ASCII 32..126), "data" (data.synthetic.alphabet) or literal characters.
     alphabets: list[str] = Field(default_factory=lambda: ["bytes"], min_length=1)
@@ -172,6 +179,14 @@ class BootstrapConfig(Strict):
     seed: int = 0
     threads: int | None = Field(None, gt=0)  # torch threads; default: torch's choice
     probe: BootstrapProbe = BootstrapProbe()
+
+    @field_validator("holdout_distances")
+    @classmethod
+    def _bands(cls, v: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        for lo, hi in v:
+            if lo < 1 or lo > hi:
+                raise ValueError(f"band [{lo}, {hi}] must be [lo, hi] with 1 <= lo <= hi")
+        return v
 
     @field_validator("alphabets")
     @classmethod
@@ -287,6 +302,16 @@ class PhaseConfig(Strict):
     data: DataConfig | None = None  # default: the top-level data section
 
 
+class StudentVariant(Strict):
+    """One student of a comparison (`posdistill run` trains every variant, each seed)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    # Another variant's name: start from its exported model (same seed when it has one).
+    init_from: str | None = None
+    phases: list[PhaseConfig] = Field(min_length=1)
+    seeds: list[int] | None = None  # default: [train.seed or run.seed]
+
+
 class DeepSpeedConfig(Strict):
     zero_stage: Literal[1, 2, 3] = 2
     offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
@@ -306,6 +331,9 @@ class DeepSpeedConfig(Strict):
 
 class TrainConfig(Strict):
     launcher: Literal["local", "ray"] = "local"
+    # Seed of the student's init and data order (default: run.seed). Vary it to repeat a
+    # student without re-packing or re-caching: run.seed also seeds the packing.
+    seed: int | None = None
     local_runner: Literal["torchrun", "deepspeed"] = "torchrun"  # how launcher "local" starts ranks
     workers: int | None = Field(None, gt=0)  # default: one per local GPU, 2 without one
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
@@ -459,6 +487,25 @@ class Config(Strict):
     analyze: AnalyzeConfig = AnalyzeConfig()
     cluster: ClusterConfig = ClusterConfig()
     plan: PlanConfig = PlanConfig()
+    # Students compared in one run; empty: one student trained on train.phases.
+    students: list[StudentVariant] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _students(self) -> "Config":
+        names = [v.name for v in self.students]
+        for i, v in enumerate(self.students):
+            if names.count(v.name) > 1:
+                raise ValueError(f"students[{i}].name: '{v.name}' is used twice")
+            if v.init_from is not None and v.init_from not in names[:i]:
+                raise ValueError(f"students[{i}].init_from: '{v.init_from}' is not an earlier student "
+                                 f"(earlier: {', '.join(names[:i]) or 'none'})")
+            for j, phase in enumerate(v.phases):
+                if phase.window_len < self.pack.doc_len[1]:
+                    raise ValueError(f"students[{i}].phases[{j}].window_len {phase.window_len} is smaller "
+                                     f"than pack.doc_len max {self.pack.doc_len[1]}")
+        if self.students and self.student is None:
+            raise ValueError("students: needs a student section (student.config or student.init)")
+        return self
 
     @model_validator(mode="after")
     def _phases_fit_docs(self) -> "Config":
@@ -473,6 +520,10 @@ class Config(Strict):
     @property
     def out_dir(self) -> Path:
         return Path(self.run.out_dir)
+
+    @property
+    def train_seed(self) -> int:
+        return self.run.seed if self.train.seed is None else self.train.seed
 
     @property
     def cache_root(self) -> Path:
@@ -542,7 +593,8 @@ def format_validation_error(err: ValidationError, model: type[BaseModel] = Confi
             got = e.get("input")
             if e["type"] not in ("missing",) and not isinstance(got, (dict, list)):
                 msg += f" (got {got!r})"
-            lines.append(f"{path}: {msg}")
+            # A cross-field check at the top level already names its keys in the message.
+            lines.append(msg if path == "<config>" else f"{path}: {msg}")
     # Unions report one error per branch; keep each distinct message once.
     return "\n".join(dict.fromkeys(lines))
 

@@ -20,6 +20,7 @@ with the key, the model must continue with the value.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import random
 import time
@@ -60,6 +61,7 @@ def build_model(boot: BootstrapConfig, rope_theta: float, max_positions: int) ->
         num_hidden_layers=boot.num_hidden_layers,
         num_attention_heads=boot.num_attention_heads,
         num_key_value_heads=boot.num_attention_heads,
+        head_dim=boot.head_dim or boot.hidden_size // boot.num_attention_heads,
         max_position_embeddings=max_positions,
         rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta)},
         tie_word_embeddings=False,
@@ -96,10 +98,37 @@ def alphabet_ids(spec: str, data_alphabet: str) -> torch.Tensor:
     return torch.tensor(sorted(set(chars.encode("utf-8"))))
 
 
-def periodic_row(gen: torch.Generator, window: int, min_p: int, max_p: int,
-                 alphabet: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class DistanceSampler:
+    """Copy distances: half uniform, half log-uniform on [lo, hi] (so short and long
+    distances are both common), never inside a held-out band. Bands are left out of every
+    task so the probe can show retrieval at distances the model was never trained on."""
+
+    holdout: tuple[tuple[int, int], ...] = ()
+
+    def allowed(self, d: int) -> bool:
+        return not any(lo <= d <= hi for lo, hi in self.holdout)
+
+    def sample(self, gen: torch.Generator, lo: int, hi: int) -> int:
+        for _ in range(64):
+            u = float(torch.rand((), generator=gen))
+            if float(torch.rand((), generator=gen)) < 0.5:
+                d = lo + int(u * (hi - lo + 1))
+            else:
+                d = int(math.exp(math.log(lo) + u * (math.log(hi + 1) - math.log(lo))))
+            d = min(max(d, lo), hi)
+            if self.allowed(d):
+                return d
+        allowed = [d for d in range(lo, hi + 1) if self.allowed(d)]
+        if not allowed:
+            raise UserError(f"teacher.bootstrap.holdout_distances cover every distance in [{lo}, {hi}]")
+        return allowed[int(torch.randint(len(allowed), (1,), generator=gen))]
+
+
+def periodic_row(gen: torch.Generator, window: int, min_p: int, max_p: int, alphabet: torch.Tensor,
+                 dist: DistanceSampler = DistanceSampler()) -> tuple[torch.Tensor, torch.Tensor]:
     """A random segment repeated to fill the window; labels only after the first period."""
-    p = int(torch.randint(min_p, max_p + 1, (1,), generator=gen))
+    p = dist.sample(gen, min_p, max_p)
     seg = alphabet[torch.randint(len(alphabet), (p,), generator=gen)]  # [p]
     ids = seg.repeat(window // p + 1)[:window]  # [window]
     labels = ids.clone()
@@ -108,23 +137,28 @@ def periodic_row(gen: torch.Generator, window: int, min_p: int, max_p: int,
 
 
 def spans_row(gen: torch.Generator, window: int, span_len: tuple[int, int], max_distance: int,
-              alphabet: torch.Tensor, copy_from: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random text; after the first ``copy_from`` of the window, back-to-back spans each copied
-    from a distance drawn uniformly in [span length, max_distance]. Every copied token after a
-    span's first is predictable only by finding the span's source by content; uniform
-    distances train short and long retrieval alike (a uniform source position would not)."""
+              alphabet: torch.Tensor, dist: DistanceSampler = DistanceSampler(),
+              copy_from: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random text; after the first ``copy_from`` of the window, spans copied from a fresh
+    distance in [span length, max_distance] each, separated by short random gaps. Every
+    copied token after a span's first is predictable only by finding the span's source by
+    content. Sources are preferably fresh text, so a span's continuation is unambiguous."""
     ids = alphabet[torch.randint(len(alphabet), (window,), generator=gen)]  # [window]
     labels = torch.full_like(ids, IGNORE)
+    fresh = torch.ones(window, dtype=torch.bool)  # not itself a copy
     cur = max(span_len[1], int(window * copy_from))
     while cur < window:
         n = min(int(torch.randint(span_len[0], span_len[1] + 1, (1,), generator=gen)), window - cur)
         far = min(cur, max_distance)
-        dist = int(torch.randint(min(n, far), far + 1, (1,), generator=gen))
-        src = cur - dist
+        for _ in range(8):
+            src = cur - dist.sample(gen, min(n, far), far)
+            if fresh[src:src + n].all():
+                break
         for i in range(n):  # element-wise: a source overlapping the copy stays correct
             ids[cur + i] = ids[src + i]
         labels[cur + 1:cur + n] = ids[cur + 1:cur + n]
-        cur += n
+        fresh[cur:cur + n] = False
+        cur += n + int(torch.randint(0, n + 1, (1,), generator=gen))  # a random gap
     return ids, labels
 
 
@@ -163,26 +197,33 @@ def needle_context(haystack: list[int], key: list[int], value: list[int], length
     The needle (key + value) sits at fraction ``depth`` of the haystack, so the distance
     from the needle to the query is about (1 - depth) * length.
     """
-    room = length - len(key) - len(value) - len(key)
+    room = length - 2 * len(key) - len(value)
     if room < 0:
         raise ValueError(f"context length {length} is too short for the needle")
-    hay = haystack[:room]
     at = int(round(depth * room))
-    ctx = hay[:at] + key + value + hay[at:] + key
-    return ctx, at
+    return place_needle(haystack, key, value, length, at), at
+
+
+def place_needle(haystack: list[int], key: list[int], value: list[int], length: int, at: int) -> list[int]:
+    """haystack[:at] + key + value + haystack[at:room] + key, exactly ``length`` ids."""
+    room = length - 2 * len(key) - len(value)
+    hay = haystack[:room]
+    return hay[:at] + key + value + hay[at:] + key
 
 
 def needle_row(gen: torch.Generator, docs: DocumentStream, window: int, max_distance: int,
-               alphabet: torch.Tensor, key_len: int = 8, value_len: int = 8
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A needle in a haystack of documents, trained on the value after the final key; the
-    needle-to-query distance is uniform up to ``max_distance``."""
+               alphabet: torch.Tensor, dist: DistanceSampler = DistanceSampler(),
+               key_len: int = 8, value_len: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """A needle in a haystack of documents, trained on the value after the final key.
+
+    The distance from the query's end to the value's start is drawn by ``dist``; it is at
+    least key + value (needle right before the query) and at most the context minus a key.
+    """
     kv = alphabet[torch.randint(len(alphabet), (key_len + value_len,), generator=gen)].tolist()
     key, value = kv[:key_len], kv[key_len:]
     length = window - value_len
-    lowest = max(0.0, 1.0 - max_distance / length)
-    depth = lowest + (1.0 - lowest) * float(torch.rand((), generator=gen))
-    ctx, _ = needle_context(docs.take(window), key, value, length, depth)
+    d = dist.sample(gen, key_len + value_len, min(max_distance, length - key_len))
+    ctx = place_needle(docs.take(window), key, value, length, length - key_len - d)
     ids = torch.tensor(ctx + value)  # [window]
     labels = torch.full_like(ids, IGNORE)
     labels[-value_len:] = ids[-value_len:]
@@ -197,6 +238,7 @@ class PhaseSampler:
     min_p: int
     max_p: int
     max_distance: int
+    dist: DistanceSampler
     mix: BootstrapTaskMix
     span_len: tuple[int, int]
     alphabets: list[torch.Tensor]
@@ -211,14 +253,15 @@ class PhaseSampler:
         for kind in kinds:
             a = self.alphabets[int(torch.randint(len(self.alphabets), (1,), generator=self.gen))]
             if kind == 0:
-                rows.append(periodic_row(self.gen, self.window, self.min_p, self.max_p, a))
+                rows.append(periodic_row(self.gen, self.window, self.min_p, self.max_p, a, self.dist))
             elif kind == 1:
                 rows.append(document_row(self.docs, self.window))
             elif kind == 2:
-                rows.append(spans_row(self.gen, self.window, self.span_len, self.max_distance, a))
+                rows.append(spans_row(self.gen, self.window, self.span_len, self.max_distance, a,
+                                      self.dist))
             else:
                 rows.append(needle_row(self.gen, self.docs, self.window, self.max_distance,
-                                       self.data_alphabet))
+                                       self.data_alphabet, self.dist))
         ids = torch.stack([r[0] for r in rows])  # [B, T]
         labels = torch.stack([r[1] for r in rows])  # [B, T]
         return ids, labels
@@ -362,6 +405,7 @@ def _phase_settings(boot: BootstrapConfig, phase: BootstrapPhase) -> dict[str, A
         "max_distance": max_distance,
         "mix": (phase.mix or boot.mix).model_dump(),
         "alphabets": phase.alphabets or boot.alphabets,
+        "decay": phase.decay,
     }
 
 
@@ -392,6 +436,7 @@ def train_teacher(cfg: Config, log: list[dict[str, Any]] | None = None, progress
         sampler = PhaseSampler(
             window=s["window_len"], min_p=s["min_period"], max_p=s["max_period"],
             max_distance=s["max_distance"],
+            dist=DistanceSampler(tuple(tuple(b) for b in boot.holdout_distances)),
             mix=phase.mix or boot.mix, span_len=boot.span_len,
             alphabets=[alphabet_ids(a, syn.alphabet) for a in s["alphabets"]],
             data_alphabet=data_alphabet, docs=docs, gen=gen)
@@ -401,6 +446,8 @@ def train_teacher(cfg: Config, log: list[dict[str, Any]] | None = None, progress
         t0, ema = time.monotonic(), None
         for step in range(s["steps"]):
             lr = s["lr"] * min(1.0, (step + 1) / max(1, boot.warmup_steps))
+            if phase.decay:
+                lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / s["steps"]))
             for group in opt.param_groups:
                 group["lr"] = lr
             ids, labels = sampler.batch(s["batch_size"])  # [B, T] each

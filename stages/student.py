@@ -82,14 +82,14 @@ def student_config(cfg: Config) -> tuple[Any, bool]:
 
 
 def build_student(cfg: Config, model_config: Any | None = None) -> tuple[Any, bool]:
-    """(model in float32, fresh). A fresh student is initialised from ``run.seed``."""
+    """(model in float32, fresh). A fresh student is initialised from ``train.seed`` (default ``run.seed``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     mcfg, fresh = (model_config, cfg.student.init is None) if model_config is not None else student_config(cfg)
     attn = cfg.student.attn_implementation
     if fresh:
-        torch.manual_seed(cfg.run.seed)
+        torch.manual_seed(cfg.train_seed)
         mcfg._attn_implementation = attn
         model = AutoModelForCausalLM.from_config(mcfg, dtype=torch.float32, attn_implementation=attn)
     else:

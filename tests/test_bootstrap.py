@@ -75,7 +75,7 @@ def test_few_steps_make_a_loadable_teacher_with_last_theta(tmp_path: Path) -> No
     meta = json.loads((out / B.META_FILE).read_text())
     assert set(meta["needle_accuracy"]) == {"64", "128"}
     assert [e["phase"] for e in meta["log"] if e.get("done")] == [0, 1]
-    assert meta["max_trained_copy_distance"] == 64
+    assert meta["max_trained_copy_distance"] == 128  # max_distance defaults to the window
     assert (out / B.HEATMAP_FILE).stat().st_size > 1000
     assert not list(tmp_path.glob(".teacher.tmp-*"))  # nothing half-written left behind
 

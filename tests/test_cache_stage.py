@@ -181,3 +181,27 @@ def test_cache_info_cli(built):
     info = json.loads(res.stdout)
     assert info["k"] == 8 and info["kind"] == "topk" and info["codec"] == "plain"
     assert info["tokens"] == info["windows"] * 128 and np.isclose(info["bytes_per_entry"], info["bytes_per_token"] / 8)
+
+
+def test_attach_to_a_running_token_cluster(teacher, tmp_path):
+    """`posdistill cache CONFIG --address` drives a separately started loopback head (token auth on)."""
+    import os
+
+    import yaml
+
+    env = {**os.environ, "POSDISTILL_STATE_DIR": str(tmp_path / "state")}
+    cli = [sys.executable, "-m", "pipeline.cli"]
+    up = subprocess.run(cli + ["cluster", "up", "--port", "6433", "--dashboard-port", "8433", "--num-cpus", "1"],
+                        env=env, capture_output=True, text=True, timeout=180)
+    assert up.returncode == 0, up.stderr
+    try:
+        cfg = make_cfg(tmp_path, teacher)
+        path = tmp_path / "cfg.yaml"
+        path.write_text(yaml.safe_dump(cfg.resolved()))
+        run = subprocess.run(cli + ["cache", str(path), "--address", "127.0.0.1:6433"],
+                             env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        out = cache_dir_for(cfg)
+        assert run.stdout.strip().endswith(str(out)) and verify_cache(out) == []
+    finally:
+        subprocess.run(cli + ["cluster", "down"], env=env, capture_output=True, timeout=120)

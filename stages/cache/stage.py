@@ -321,16 +321,19 @@ def _clear(cache_dir: Path) -> None:
 
 def _make_executor(cfg: Config, address: str | None) -> Any:
     from cluster.executor import RayExecutor
+    from cluster.local import resolve_address
 
-    return RayExecutor(address=address, teacher=cfg.teacher, max_retries=cfg.cache.max_retries)
+    return RayExecutor(address=resolve_address(address, cfg.cluster.address), teacher=cfg.teacher,
+                       max_retries=cfg.cache.max_retries)
 
 
 def run_cache(cfg: Config, phase_index: int | None = None, address: str | None = None, force: bool = False,
               executor: Executor | None = None, verbose: bool = True) -> Path:
     """Compute (or finish, or reuse) the teacher cache for one pack; returns its directory.
 
-    ``address``: a Ray cluster to attach to; None uses ``cluster.address`` ("local" starts an
-    embedded Ray on 127.0.0.1). ``force`` rebuilds every shard.
+    ``address``: a Ray cluster to attach to; None: the cluster this process runs in (a
+    submitted job), else ``cluster.address``, else an embedded Ray on 127.0.0.1 (see
+    ``cluster.local.resolve_address``). ``force`` rebuilds every shard.
     """
     from stages.pack import pack_spec, run_pack
 
@@ -359,6 +362,10 @@ def run_cache(cfg: Config, phase_index: int | None = None, address: str | None =
         (cache_dir / MANIFEST_FILE).unlink(missing_ok=True)  # incomplete until every shard is valid again
         for i in todo:
             (cache_dir / shard_name(i)).unlink(missing_ok=True)
+        planned = {shard_name(s["index"]) for s in job.shards}
+        for stray in cache_dir.glob("shard-*.parquet"):  # from an earlier cache.windows_per_shard
+            if stray.name not in planned:
+                stray.unlink()
         if verbose:
             done = len(job.shards) - len(todo)
             print(f"cache: {cache_dir}: {len(todo)} of {len(job.shards)} shards to compute"
@@ -366,7 +373,9 @@ def run_cache(cfg: Config, phase_index: int | None = None, address: str | None =
         t0 = time.monotonic()
         tokens = 0
         done_at: list[tuple[float, int]] = []  # (seconds since start, tokens) per finished shard
-        cpu = {"shards": 0.0, "workers": {}}  # shard CPU seconds; cumulative CPU per worker process
+        # Shard CPU seconds (all, and "steady": without each worker's first shard, which pays
+        # one-time warm-up), and the cumulative CPU of each worker process.
+        cpu: dict[str, Any] = {"shards": 0.0, "steady": 0.0, "steady_tokens": 0, "workers": {}}
         progress = Progress("cache", len(todo), unit="shards", enabled=verbose)
         if todo:
             def on_done(result: dict[str, Any]) -> None:
@@ -374,6 +383,9 @@ def run_cache(cfg: Config, phase_index: int | None = None, address: str | None =
                 tokens += result["tokens"]
                 done_at.append((time.monotonic() - t0, result["tokens"]))
                 cpu["shards"] += result.get("cpu_seconds", 0.0)
+                if result.get("pid") in cpu["workers"]:
+                    cpu["steady"] += result.get("cpu_seconds", 0.0)
+                    cpu["steady_tokens"] += result["tokens"]
                 cpu["workers"][result.get("pid")] = result.get("process_cpu_seconds", 0.0)
                 progress.update(1, result["tokens"])
 
@@ -438,6 +450,7 @@ def _run_stats(tokens: int, seconds: float, done_at: list[tuple[float, int]], cp
                              "tokens_per_s": tokens / seconds if seconds > 0 else None,
                              "first_shard_s": done_at[0][0] if done_at else None, "steady_tokens_per_s": None,
                              "shard_cpu_seconds": cpu.get("shards"),
+                             "steady_shard_cpu_seconds": cpu.get("steady"), "steady_tokens": cpu.get("steady_tokens"),
                              "worker_cpu_seconds": sum(cpu.get("workers", {}).values()) if cpu else None}
     if len(done_at) > 1 and done_at[-1][0] > done_at[0][0]:
         stats["steady_tokens_per_s"] = sum(t for _, t in done_at[1:]) / (done_at[-1][0] - done_at[0][0])

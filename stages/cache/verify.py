@@ -7,7 +7,6 @@ The same ``check_shard`` decides both which shards a re-run regenerates and whic
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -72,6 +71,3 @@ def verify_cache(cache_dir: str | Path, deep: bool = False) -> list[tuple[str, s
         problems.append((tmp.name, "leftover temporary file"))
     return problems
 
-
-def describe(cache_dir: str | Path) -> dict[str, Any]:
-    return read_manifest(cache_dir)

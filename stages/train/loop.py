@@ -98,7 +98,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def train_identity(cfg: Config) -> dict[str, Any]:
     """What a checkpoint must share with the config that resumes it."""
     r = cfg.resolved()
-    return {"seed": r["run"]["seed"], **{k: r[k] for k in ("data", "pack", "teacher", "cache", "student", "train")}}
+    return {"seed": cfg.train_seed, **{k: r[k] for k in ("data", "pack", "teacher", "cache", "student", "train")}}
 
 
 def _rank0_preflight(cfg: Config, env: DistEnv) -> None:
@@ -155,7 +155,7 @@ def open_loader(cfg: Config, phase: PhasePlan, geo: Geometry, rank: int, state: 
     from stages.train.data import Prefetcher, batches, open_stream
 
     path = data_dir(cfg, phase)
-    stream = open_stream(phase.source, path, dp_rank=geo.dp_rank(rank), dp_size=geo.dp, seed=cfg.run.seed)
+    stream = open_stream(phase.source, path, dp_rank=geo.dp_rank(rank), dp_size=geo.dp, seed=cfg.train_seed)
     if state is not None:
         stream.load_state_dict(state)
     source = batches(stream, geo.micro_batch, mode=cfg.pack.mode, window_len=phase.window_len, sp=geo.sp,
