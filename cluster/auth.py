@@ -35,7 +35,8 @@ def client_headers() -> dict[str, str]:
 def explain_auth_failure(address: str, err: BaseException) -> UserError | None:
     """Turn an HTTP 401/403 from the dashboard into one actionable message."""
     text = str(err)
-    if "401" in text or "403" in text or "Unauthorized" in text or "nauthenticated" in text:
+    markers = ("401", "403", "Unauthorized", "nauthenticated", "RAY_AUTH_TOKEN", "auth_token")
+    if any(m in text for m in markers):
         found = find_token()
         where = f"the token from {found[1]} was refused" if found else "no token was found"
         return UserError(f"Ray at {address} requires token authentication and {where}: {HOW_TO_AUTH}")

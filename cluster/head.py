@@ -66,6 +66,14 @@ def _our_processes(temp_dir: str) -> list:
     return [p for p in procs.values() if p.pid != os.getpid()]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def dashboard_alive(url: str, timeout: float = 2.0) -> bool:
     req = urllib.request.Request(f"{url}/api/version", headers=client_headers())
     try:
@@ -87,7 +95,10 @@ def head_up(port: int = 6379, dashboard_port: int = 8265, num_cpus: int | None =
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
            "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
            "--port", str(port), "--dashboard-port", str(dashboard_port),
-           "--temp-dir", temp_dir, "--disable-usage-stats"]
+           "--temp-dir", temp_dir, "--disable-usage-stats",
+           # Ray's fixed default (52365) collides with any other Ray on the machine, and the
+           # head then never gets a job agent ("No available agent to submit job").
+           "--dashboard-agent-listen-port", str(_free_port())]
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
     if num_gpus is not None:

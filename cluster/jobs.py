@@ -75,8 +75,16 @@ def submit(stage: str, cfg: Config, address: str, extra_args: list[str] | None =
         "excludes": EXCLUDES,
         "env_vars": {CONFIG_ENV: yaml.safe_dump(cfg.resolved(), sort_keys=False)},
     }
-    _call(address, c.submit_job, entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env)
-    return sid, True
+    # A freshly started head answers 500 "No available agent" until its job agent is up.
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            _call(address, c.submit_job, entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env)
+            return sid, True
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def status(address: str, sid: str) -> str:

@@ -341,6 +341,18 @@ def export(ckpt: str, out: str, dtype: str) -> None:
 
     click.echo(f"export: wrote {export_checkpoint(ckpt, out, dtype=dtype)}")
 
+@cli.command("run")
+@config_arg
+@click.option("--address", default=None, help="Ray cluster for the cache stage (default: embedded local Ray).")
+def run_cmd(config: str, address: str | None) -> None:
+    """The whole pipeline: pack, teacher, cache, every student, eval, analyze, report.
+
+    Every stage whose fingerprinted output is already valid is reused (and said so)."""
+    from pipeline.run import run_pipeline
+
+    run_pipeline(load_config(config), address)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

@@ -124,6 +124,10 @@ class BootstrapPhase(Strict):
     mix: BootstrapTaskMix | None = None  # default: teacher.bootstrap.mix
     alphabets: list[str] | None = Field(None, min_length=1)  # default: teacher.bootstrap.alphabets
     decay: bool = False  # cosine-decay the learning rate to 10% over the phase
+    # Keep training past `steps` until the loss (EMA) is at most this, up to max_steps: the
+    # step at which induction emerges varies with the seed (650-1100 measured).
+    until_loss: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # default: 3 * steps
 
     @model_validator(mode="after")
     def _periods(self) -> "BootstrapPhase":

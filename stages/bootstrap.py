@@ -23,6 +23,7 @@ import json
 import math
 import platform
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,10 +110,10 @@ class DistanceSampler:
     def allowed(self, d: int) -> bool:
         return not any(lo <= d <= hi for lo, hi in self.holdout)
 
-    def sample(self, gen: torch.Generator, lo: int, hi: int) -> int:
+    def sample(self, gen: torch.Generator, lo: int, hi: int, log_share: float = 0.5) -> int:
         for _ in range(64):
             u = float(torch.rand((), generator=gen))
-            if float(torch.rand((), generator=gen)) < 0.5:
+            if float(torch.rand((), generator=gen)) >= log_share:
                 d = lo + int(u * (hi - lo + 1))
             else:
                 d = int(math.exp(math.log(lo) + u * (math.log(hi + 1) - math.log(lo))))
@@ -128,7 +129,9 @@ class DistanceSampler:
 def periodic_row(gen: torch.Generator, window: int, min_p: int, max_p: int, alphabet: torch.Tensor,
                  dist: DistanceSampler = DistanceSampler()) -> tuple[torch.Tensor, torch.Tensor]:
     """A random segment repeated to fill the window; labels only after the first period."""
-    p = dist.sample(gen, min_p, max_p)
+    # Uniform periods: with log-uniform ones (many short periods) induction did not emerge in
+    # 1200 steps - short periods are solved by a local shortcut that stalls the plateau.
+    p = dist.sample(gen, min_p, max_p, log_share=0.0)
     seg = alphabet[torch.randint(len(alphabet), (p,), generator=gen)]  # [p]
     ids = seg.repeat(window // p + 1)[:window]  # [window]
     labels = ids.clone()
@@ -211,10 +214,10 @@ def place_needle(haystack: list[int], key: list[int], value: list[int], length: 
     return hay[:at] + key + value + hay[at:] + key
 
 
-def needle_row(gen: torch.Generator, docs: DocumentStream, window: int, max_distance: int,
+def needle_row(gen: torch.Generator, haystack: list[int], window: int, max_distance: int,
                alphabet: torch.Tensor, dist: DistanceSampler = DistanceSampler(),
                key_len: int = 8, value_len: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """A needle in a haystack of documents, trained on the value after the final key.
+    """A needle (key + value) in a haystack, the key again at the end; loss on the value.
 
     The distance from the query's end to the value's start is drawn by ``dist``; it is at
     least key + value (needle right before the query) and at most the context minus a key.
@@ -223,11 +226,19 @@ def needle_row(gen: torch.Generator, docs: DocumentStream, window: int, max_dist
     key, value = kv[:key_len], kv[key_len:]
     length = window - value_len
     d = dist.sample(gen, key_len + value_len, min(max_distance, length - key_len))
-    ctx = place_needle(docs.take(window), key, value, length, length - key_len - d)
+    ctx = place_needle(haystack, key, value, length, length - key_len - d)
     ids = torch.tensor(ctx + value)  # [window]
     labels = torch.full_like(ids, IGNORE)
     labels[-value_len:] = ids[-value_len:]
     return ids, labels
+
+
+def filler_haystack(gen: torch.Generator, window: int, alphabet: torch.Tensor) -> list[int]:
+    """A short random sentence repeated (the passkey probe's kind of haystack): many short
+    matches for every query, so only the one long match is right."""
+    n = int(torch.randint(8, 129, (1,), generator=gen))
+    seg = alphabet[torch.randint(len(alphabet), (n,), generator=gen)]
+    return seg.repeat(window // n + 1)[:window].tolist()
 
 
 @dataclass
@@ -260,8 +271,16 @@ class PhaseSampler:
                 rows.append(spans_row(self.gen, self.window, self.span_len, self.max_distance, a,
                                       self.dist))
             else:
-                rows.append(needle_row(self.gen, self.docs, self.window, self.max_distance,
-                                       self.data_alphabet, self.dist))
+                # Documents or a repeated filler around the needle; keys of 4-12 tokens from
+                # the data alphabet or the row's alphabet (passkeys are digits in English).
+                if float(torch.rand((), generator=self.gen)) < 0.5:
+                    hay = self.docs.take(self.window)
+                else:
+                    hay = filler_haystack(self.gen, self.window, a)
+                kv = self.data_alphabet if float(torch.rand((), generator=self.gen)) < 0.5 else a
+                key_len = int(torch.randint(4, 13, (1,), generator=self.gen))
+                rows.append(needle_row(self.gen, hay, self.window, self.max_distance, kv,
+                                       self.dist, key_len=key_len))
         ids = torch.stack([r[0] for r in rows])  # [B, T]
         labels = torch.stack([r[1] for r in rows])  # [B, T]
         return ids, labels
@@ -406,6 +425,8 @@ def _phase_settings(boot: BootstrapConfig, phase: BootstrapPhase) -> dict[str, A
         "mix": (phase.mix or boot.mix).model_dump(),
         "alphabets": phase.alphabets or boot.alphabets,
         "decay": phase.decay,
+        "until_loss": phase.until_loss,
+        "max_steps": phase.max_steps or 3 * phase.steps,
     }
 
 
@@ -441,13 +462,15 @@ def train_teacher(cfg: Config, log: list[dict[str, Any]] | None = None, progress
             alphabets=[alphabet_ids(a, syn.alphabet) for a in s["alphabets"]],
             data_alphabet=data_alphabet, docs=docs, gen=gen)
         model.train()
-        bar = Progress(f"bootstrap phase {index} (window {s['window_len']}, theta {s['rope_theta']:g})",
-                       s["steps"], unit="steps", enabled=progress)
-        t0, ema = time.monotonic(), None
-        for step in range(s["steps"]):
+        label = f"bootstrap phase {index} (window {s['window_len']}, theta {s['rope_theta']:g})"
+        bar = Progress(label, s["steps"], unit="steps", enabled=progress)
+        t0, ema = time.monotonic(), float("inf")
+        step = 0
+        while step < s["steps"] or (s["until_loss"] is not None and ema > s["until_loss"]
+                                    and step < s["max_steps"]):
             lr = s["lr"] * min(1.0, (step + 1) / max(1, boot.warmup_steps))
             if phase.decay:
-                lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / s["steps"]))
+                lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / s["steps"], 1.0)))
             for group in opt.param_groups:
                 group["lr"] = lr
             ids, labels = sampler.batch(s["batch_size"])  # [B, T] each
@@ -460,17 +483,27 @@ def train_teacher(cfg: Config, log: list[dict[str, Any]] | None = None, progress
                 torch.nn.utils.clip_grad_norm_(model.parameters(), boot.grad_clip)
             opt.step()
             step_total += 1
-            ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
-            if step % 25 == 0 or step == s["steps"] - 1:
+            ema = loss.item() if step == 0 else 0.9 * ema + 0.1 * loss.item()
+            if step % 25 == 0:
                 log.append({"phase": index, "step": step, "global_step": step_total,
                             "loss": round(loss.item(), 4), "loss_ema": round(ema, 4),
                             "elapsed_s": round(time.monotonic() - t0, 1)})
+            if step == s["steps"]:
+                bar.total = None  # extending towards until_loss: no fixed total any more
+            bar.label = f"{label} loss {ema:.3f}"
             bar.update(1, amount=ids.numel())
             if callback is not None:
                 callback(model, index, step)
+            step += 1
         bar.close()
-        log.append({"phase": index, "done": True, "seconds": round(time.monotonic() - t0, 1),
-                    "settings": s})
+        done = {"phase": index, "done": True, "steps": step, "loss_ema": round(ema, 4),
+                "seconds": round(time.monotonic() - t0, 1), "settings": s}
+        if s["until_loss"] is not None:
+            done["reached_until_loss"] = ema <= s["until_loss"]
+            if ema > s["until_loss"]:
+                print(f"warning: bootstrap phase {index} stopped at max_steps {s['max_steps']} with "
+                      f"loss {ema:.3f} > until_loss {s['until_loss']}", file=sys.stderr)
+        log.append(done)
     model.eval()
     return model
 

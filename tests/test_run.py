@@ -1,0 +1,63 @@
+"""`posdistill run` end to end on a tiny config: every stage runs, a re-run reuses every stage,
+and the report has every section."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from helpers import make_tiny_llama
+
+pytestmark = pytest.mark.slow
+
+SECTIONS = ["## Budget", "## Teacher", "## Retrieval (needle and passkey)", "## Loss by position",
+            "## The paper's findings at this scale", "## Positional perturbation", "## Query spans", "## Cache",
+            "## Training"]
+
+
+def _config(tmp_path):
+    teacher = make_tiny_llama(tmp_path / "teacher", seed=1)
+    phase_short = {"window_len": 128, "steps": 3, "kd": {"alpha": 0.0}, "rope": {"theta": 10000}}
+    long = lambda alpha, theta: {"window_len": 256, "steps": 2, "kd": {"alpha": alpha}, "rope": {"theta": theta}}
+    return {
+        "run": {"name": "tiny", "out_dir": str(tmp_path / "run"), "seed": 0},
+        "data": {"synthetic": {"num_docs": 120}},
+        "pack": {"window_len": 256, "doc_len": [16, 64]},
+        "teacher": {"model": str(teacher), "chunk_len": 128},
+        "cache": {"k": 4, "windows_per_shard": 8},
+        "student": {"config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}},
+        "train": {"batch_size": 2, "micro_batch": 1, "workers": 2, "save_every": 100, "warmup_steps": 0},
+        "students": [
+            {"name": "base", "phases": [phase_short]},
+            {"name": "kd-theta", "init_from": "base", "phases": [long(1.0, 100000)], "seeds": [0, 1]},
+            {"name": "ce-theta", "init_from": "base", "phases": [long(0.0, 100000)]},
+            {"name": "kd-keep", "init_from": "base", "phases": [long(1.0, 10000)]},
+        ],
+        "eval": {"lengths": [128, 256], "depths": [0.0, 1.0], "trials": 2, "loss_windows": 2, "loss_buckets": 4},
+        "analyze": {"perturb": {"deltas": [0, 4], "windows": 1, "window_len": 128, "segment_len": [8, 16]}},
+    }
+
+
+def test_run_end_to_end_and_rerun_reuses(tmp_path):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(tmp_path)))
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(cfg_path)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    report = (tmp_path / "run" / "report.md").read_text()
+    for section in SECTIONS:
+        assert section in report, section
+    for name in ["teacher", "base-s0", "kd-theta-s0", "kd-theta-s1", "ce-theta-s0", "kd-keep-s0"]:
+        assert f"| {name} |" in report or f"![{name}]" in report, name
+    summary = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert len(summary["computed"]["train"]) == 5 and len(summary["computed"]["cache"]) == 1
+    assert summary["peak_memory_gib"] > 0
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    again = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert again["computed"] == {}, again["computed"]
+    assert len(again["reused"]["train"]) == 5 and "cache" in again["reused"] and "eval" in again["reused"]
+    assert "reused" in second.stdout
