@@ -6,6 +6,7 @@ Imports of heavy libraries (torch, ray, deepspeed) happen inside commands so tha
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -354,6 +355,10 @@ def run_cmd(config: str, address: str | None) -> None:
 
 
 def main() -> None:
+    # Quiet by default: no per-file weight-loading bars from transformers / huggingface_hub
+    # (inherited by the training ranks and Ray workers this process starts).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         cli.main(standalone_mode=False)
     except UserError as err:
