@@ -247,6 +247,9 @@ class StudentArch(Strict):
     num_hidden_layers: int = Field(2, gt=0)
     num_attention_heads: int = Field(4, gt=0)
     num_key_value_heads: int | None = Field(None, gt=0)
+    # Per-head width; default hidden_size // heads. Wider heads have more RoPE pairs, and
+    # long-range content matching lives in the slowly rotating ones.
+    head_dim: int | None = Field(None, gt=0)
     intermediate_size: int | None = Field(None, gt=0)
     tie_word_embeddings: bool = False
 
@@ -314,6 +317,9 @@ class StudentVariant(Strict):
     init_from: str | None = None
     phases: list[PhaseConfig] = Field(min_length=1)
     seeds: list[int] | None = None  # default: [train.seed or run.seed]
+    # Windows per optimizer step and per rank forward for this student (default: train's).
+    batch_size: int | None = Field(None, gt=0)
+    micro_batch: int | None = Field(None, gt=0)
 
 
 class DeepSpeedConfig(Strict):

@@ -3,7 +3,8 @@
 Every number here is read from the stage outputs (eval.json, the cache manifest, metrics,
 analysis JSON, run timings); nothing is typed in. The verdicts use a stated rule: a
 difference between two variants counts as reproduced when it is positive and larger than
-twice its standard error over seeds, otherwise it is reported as within noise (or reversed).
+twice its standard error over seeds (which needs two seeds at least), otherwise it is reported
+as within noise (or reversed).
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def verdict(a: list[float], b: list[float]) -> tuple[str, float, float]:
     se2 = 2 * math.sqrt((sa**2 / na if na else 0) + (sb**2 / nb if nb else 0))
     if math.isnan(diff):
         return "not measured", diff, se2
-    if diff > 0 and (diff > se2 if se2 > 0 else diff > 0.05):
+    if max(na, nb) < 2:
+        return "single seed, no interval", diff, se2
+    if diff > 0 and diff > se2:
         return "reproduced", diff, se2
     if diff > 0:
         return "within noise", diff, se2

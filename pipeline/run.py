@@ -63,6 +63,9 @@ def _variant_config(cfg: Config, variant: StudentVariant, seed: int, init_dir: P
     raw["students"] = []
     raw["train"]["phases"] = [p.model_dump(mode="json") for p in variant.phases]
     raw["train"]["seed"] = seed
+    for key in ("batch_size", "micro_batch"):
+        if getattr(variant, key) is not None:
+            raw["train"][key] = getattr(variant, key)
     if init_dir is not None:
         raw["student"] = {**raw["student"], "init": str(init_dir), "config": None}
     raw["student"]["name"] = None

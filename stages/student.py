@@ -73,6 +73,7 @@ def student_config(cfg: Config) -> tuple[Any, bool]:
         num_hidden_layers=arch.num_hidden_layers,
         num_attention_heads=arch.num_attention_heads,
         num_key_value_heads=arch.num_key_value_heads or arch.num_attention_heads,
+        head_dim=arch.head_dim or arch.hidden_size // arch.num_attention_heads,
         max_position_embeddings=first_window,
         tie_word_embeddings=arch.tie_word_embeddings,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
