@@ -45,6 +45,9 @@ EOS_ID = 256 + BYTE_SPECIALS.index("</s>")
 IGNORE = -100  # label that HF's causal-LM loss skips
 META_FILE = "bootstrap.json"
 HEATMAP_FILE = "heatmap.png"
+# Share of needle rows whose needle opens the context: uniform distances almost never put it
+# at position 0, and a teacher trained without it failed the probe's depth 0 at every length.
+AT_START_SHARE = 0.1
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
@@ -101,8 +104,8 @@ def alphabet_ids(spec: str, data_alphabet: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class DistanceSampler:
-    """Copy distances: half uniform, half log-uniform on [lo, hi] (so short and long
-    distances are both common), never inside a held-out band. Bands are left out of every
+    """Copy distances: uniform on [lo, hi], a quarter of them log-uniform (so short distances
+    are common too without teaching a strong recency prior), never inside a held-out band. Bands are left out of every
     task so the probe can show retrieval at distances the model was never trained on."""
 
     holdout: tuple[tuple[int, int], ...] = ()
@@ -110,7 +113,7 @@ class DistanceSampler:
     def allowed(self, d: int) -> bool:
         return not any(lo <= d <= hi for lo, hi in self.holdout)
 
-    def sample(self, gen: torch.Generator, lo: int, hi: int, log_share: float = 0.5) -> int:
+    def sample(self, gen: torch.Generator, lo: int, hi: int, log_share: float = 0.25) -> int:
         for _ in range(64):
             u = float(torch.rand((), generator=gen))
             if float(torch.rand((), generator=gen)) >= log_share:
@@ -225,7 +228,11 @@ def needle_row(gen: torch.Generator, haystack: list[int], window: int, max_dista
     kv = alphabet[torch.randint(len(alphabet), (key_len + value_len,), generator=gen)].tolist()
     key, value = kv[:key_len], kv[key_len:]
     length = window - value_len
-    d = dist.sample(gen, key_len + value_len, min(max_distance, length - key_len))
+    longest = min(max_distance, length - key_len)
+    if longest == length - key_len and float(torch.rand((), generator=gen)) < AT_START_SHARE:
+        d = longest  # the needle at position 0, where attention sinks live
+    else:
+        d = dist.sample(gen, key_len + value_len, longest)
     ctx = place_needle(haystack, key, value, length, length - key_len - d)
     ids = torch.tensor(ctx + value)  # [window]
     labels = torch.full_like(ids, IGNORE)
