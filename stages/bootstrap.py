@@ -241,11 +241,19 @@ def needle_row(gen: torch.Generator, haystack: list[int], window: int, max_dista
 
 
 def filler_haystack(gen: torch.Generator, window: int, alphabet: torch.Tensor) -> list[int]:
-    """A short random sentence repeated (the passkey probe's kind of haystack): many short
-    matches for every query, so only the one long match is right."""
-    n = int(torch.randint(8, 129, (1,), generator=gen))
-    seg = alphabet[torch.randint(len(alphabet), (n,), generator=gen)]
-    return seg.repeat(window // n + 1)[:window].tolist()
+    """A short random sentence repeated (the passkey probe's kind of haystack): every query
+    token has many short matches in it, so only the one long match is right. Half of the
+    sentences are random words (2-7 letters, spaces, a full stop) like English filler."""
+    if float(torch.rand((), generator=gen)) < 0.5:
+        n = int(torch.randint(8, 129, (1,), generator=gen))
+        seg = alphabet[torch.randint(len(alphabet), (n,), generator=gen)].tolist()
+    else:
+        seg = []
+        for _ in range(int(torch.randint(3, 16, (1,), generator=gen))):
+            word = torch.randint(97, 123, (int(torch.randint(2, 8, (1,), generator=gen)),), generator=gen)
+            seg += word.tolist() + [32]
+        seg[-1:] = [46, 32]  # ". "
+    return (seg * (window // len(seg) + 1))[:window]
 
 
 @dataclass
