@@ -609,6 +609,35 @@ def summary_lines(meta: dict[str, Any]) -> Iterator[str]:
         yield f"{d:>5}  " + " ".join(f"{grid[L][d]:>6.2f}" for L in grid)
 
 
+def markdown_tables(meta: dict[str, Any]) -> str:
+    """bootstrap.json's grids as Markdown (rows: depth, columns: length, distance in brackets),
+    so the numbers in docs/teacher.md are pasted from a run, never typed by hand."""
+    dist = {(str(c["length"]), f"{c['depth']:g}"): c["distance"] for c in meta["needle"]["cells"]}
+    bands = meta["config"].get("holdout_distances", [])
+    out = []
+    for title, key in (("needle exact match", "needle_accuracy"),
+                       ("needle per-token accuracy (teacher forcing)", "needle_token_accuracy"),
+                       ("passkey exact match", "passkey_accuracy")):
+        grid = meta[key]
+        lengths = sorted(grid, key=int)
+        depths = list(grid[lengths[0]])
+        out += [f"**{title}**", "", "| depth | " + " | ".join(lengths) + " |",
+                "|---|" + "---|" * len(lengths)]
+        for d in depths:
+            cells = []
+            for L in lengths:
+                far = dist.get((L, d), 0)
+                held = any(lo <= far <= hi for lo, hi in bands)
+                cell = f"{grid[L][d]:.2f} ({far:.0f})"
+                cells.append(f"*{cell}*" if held else cell)
+            out.append(f"| {d} | " + " | ".join(cells) + " |")
+        out.append("")
+    if bands:
+        out.append(f"(distance to the needle in brackets; *italic*: inside a held-out band {bands}, "
+                   "never a copy distance in training)")
+    return "\n".join(out)
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     p = Path(path) / META_FILE
     if not p.is_file():

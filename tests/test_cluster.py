@@ -96,3 +96,32 @@ def test_down_leaves_nothing(tmp_path):
     time.sleep(0.5)
     assert _our_processes(temp_dir) == []
     assert json.loads(cli("cluster", "status", env=env).stdout) == {"running": False}
+
+
+def test_cache_and_ray_train_jobs(head, tmp_path):
+    """The issue's flow: a cache job, verified; a Ray Train job (2 CPU workers, ZeRO-2) whose
+    exported model loads."""
+    from helpers import make_tiny_llama
+
+    teacher = make_tiny_llama(tmp_path / "teacher", seed=3)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "run": {"name": "jobs", "out_dir": str(tmp_path / "run")},
+        "data": {"synthetic": {"num_docs": 80}},
+        "pack": {"window_len": 128, "doc_len": [16, 64]},
+        "teacher": {"model": str(teacher)},
+        "cache": {"k": 4, "windows_per_shard": 8},
+        "student": {"config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}},
+        "train": {"launcher": "ray", "workers": 2, "deepspeed": {"zero_stage": 2}, "batch_size": 2,
+                  "save_every": 100, "phases": [{"window_len": 128, "steps": 2}]},
+    }))
+    cache = cli("submit", "cache", str(cfg), "--address", ADDRESS, "--follow", env=head)
+    assert cache.stdout.rstrip().endswith("SUCCEEDED"), cache.stdout[-2000:]
+    cache_dirs = [d for d in (tmp_path / "run" / "cache").iterdir() if not d.name.startswith(".")]
+    assert len(cache_dirs) == 1
+    cli("cache", "verify", str(cache_dirs[0]))
+    train = cli("submit", "train", str(cfg), "--address", ADDRESS, "--follow", env=head)
+    assert train.stdout.rstrip().endswith("SUCCEEDED"), train.stdout[-3000:]
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "train" / "student" / "model")
+    assert model.config.vocab_size == 260

@@ -106,10 +106,12 @@ def run_on_ray(cfg: Config, resume: bool, workers: int) -> Path:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cluster.local import ray_session
+    from cluster.local import ray_session, resolve_address
 
-    gpu = _has_gpu() if cfg.cluster.address in ("", "local") else None
-    with ray_session(cfg.cluster.address):
+    # Inside a submitted job this is the job's cluster; otherwise cluster.address or embedded.
+    address = resolve_address(None, cfg.cluster.address)
+    gpu = _has_gpu() if address is None else None
+    with ray_session(address):
         import ray
 
         if gpu is None:
