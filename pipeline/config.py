@@ -91,11 +91,11 @@ class BootstrapTaskMix(Strict):
                window; loss after the first period. Content-based copying emerges from it.
     documents: synthetic documents (data.synthetic), BOS-separated and packed cross_doc,
                loss everywhere: the teacher's distributions on the demo's own data.
-    spans:     random text whose later part is spans copied from random earlier positions;
+    spans:     random text whose later part is spans copied from a fresh distance each;
                loss on every copied token after a span's first. Dense, arbitrary distances,
                no periodic shortcut.
-    needle:    a key+value record inside a haystack of synthetic documents, the key repeated
-               at the end; loss on the value only. The probe's format at trained distances.
+    needle:    a key+value record inside a haystack (synthetic documents or a repeated
+               random sentence), the key repeated at the end; loss on the value only.
     """
 
     periodic: float = Field(1.0, ge=0)
@@ -108,6 +108,14 @@ class BootstrapTaskMix(Strict):
         if self.periodic + self.documents + self.spans + self.needle <= 0:
             raise ValueError("at least one task weight must be > 0")
         return self
+
+
+def _check_alphabets(v: list[str] | None) -> list[str] | None:
+    for a in v or []:
+        if a not in ("bytes", "printable", "data") and len(set(a)) < 2:
+            raise ValueError(f"alphabet {a!r} needs at least 2 distinct characters "
+                             "(or use 'bytes', 'printable', 'data')")
+    return v
 
 
 class BootstrapPhase(Strict):
@@ -125,9 +133,14 @@ class BootstrapPhase(Strict):
     alphabets: list[str] | None = Field(None, min_length=1)  # default: teacher.bootstrap.alphabets
     decay: bool = False  # cosine-decay the learning rate to 10% over the phase
     # Keep training past `steps` until the loss (EMA) is at most this, up to max_steps: the
-    # step at which induction emerges varies with the seed (650-1100 measured).
+    # step at which induction emerges varies with the seed and model (650-1700 measured).
     until_loss: float | None = Field(None, gt=0)
     max_steps: int | None = Field(None, gt=0)  # default: 3 * steps
+
+    @field_validator("alphabets")
+    @classmethod
+    def _alphabets(cls, v: list[str] | None) -> list[str] | None:
+        return _check_alphabets(v)
 
     @model_validator(mode="after")
     def _periods(self) -> "BootstrapPhase":
@@ -176,8 +189,9 @@ class BootstrapConfig(Strict):
     # Copy distances [lo, hi] (inclusive) that no task ever trains: retrieval there shows
     # content-based copying, not a learned positional offset.
     holdout_distances: list[tuple[int, int]] = Field(default_factory=list)
-    # Token alphabets for periodic rows, one drawn per row: "bytes" (ids 0..255),
-    # "printable" (ASCII 32..126), "data" (data.synthetic.alphabet) or literal characters.
+    # Token alphabets of the random rows, one drawn per row (list one twice to draw it twice
+    # as often): "bytes" (ids 0..255), "printable" (ASCII 32..126), "data"
+    # (data.synthetic.alphabet) or literal characters.
     alphabets: list[str] = Field(default_factory=lambda: ["bytes"], min_length=1)
     mix: BootstrapTaskMix = BootstrapTaskMix()
     seed: int = 0
@@ -195,11 +209,7 @@ class BootstrapConfig(Strict):
     @field_validator("alphabets")
     @classmethod
     def _alphabets(cls, v: list[str]) -> list[str]:
-        for a in v:
-            if a not in ("bytes", "printable", "data") and len(set(a)) < 2:
-                raise ValueError(f"alphabet {a!r} needs at least 2 distinct characters "
-                                 "(or use 'bytes', 'printable', 'data')")
-        return v
+        return _check_alphabets(v)
 
 
 class TeacherConfig(Strict):

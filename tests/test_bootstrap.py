@@ -73,6 +73,7 @@ def test_few_steps_make_a_loadable_teacher_with_last_theta(tmp_path: Path) -> No
     assert tok("ab")["input_ids"][-2:] == [97, 98]
     meta = json.loads((out / B.META_FILE).read_text())
     assert set(meta["needle_accuracy"]) == {"64", "128"}
+    assert meta["documents"]["window"] == 128 and meta["documents"]["ce"] > 0
     assert [e["phase"] for e in meta["log"] if e.get("done")] == [0, 1]
     assert meta["max_trained_copy_distance"] == 128  # max_distance defaults to the window
     assert (out / B.HEATMAP_FILE).stat().st_size > 1000
@@ -174,3 +175,17 @@ def test_committed_teacher_retrieves_at_demo_window() -> None:
                            seed=2024)
     acc = {c["depth"]: c["token_acc"] for c in probe["cells"]}
     assert acc[0.1] >= 0.6 and acc[0.5] >= 0.5, acc  # chance is 1/26 per token
+    # Informative on the demo's own documents: far below uniform over the alphabet (3.26 nats).
+    docs = B.document_loss(model, syn, tuple(meta["doc_len"]), 1024, windows=2)
+    assert docs["ce"] < 2.2, docs
+
+
+def test_cli_bootstrap_without_section_exits_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("run: {out_dir: %s}\n" % (tmp_path / "run"))
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "bootstrap", str(cfg)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "teacher.bootstrap" in res.stderr
