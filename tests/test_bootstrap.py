@@ -162,7 +162,6 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
         B.run_bootstrap(cfg.model_copy(update={"data": cfg.data.model_copy(update={"tokenizer": "x"})}))
 
 
-@pytest.mark.skipif(not (COMMITTED / "config.json").exists(), reason="configs/teacher-tiny not built yet")
 def test_committed_teacher_retrieves_at_demo_window() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = B.load_teacher(COMMITTED)
