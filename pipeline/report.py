@@ -159,6 +159,14 @@ def write_report(cfg: Config, students: list[Any], models: dict[str, str], eval_
               "- stage timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["timings"].items()),
               "- reused: " + ("; ".join(f"{k}: {len(v)}" for k, v in summary["reused"].items()) or "nothing"),
               "- computed: " + ("; ".join(f"{k}: {len(v)}" for k, v in summary["computed"].items()) or "nothing"), ""]
+    history = out / "runs.jsonl"
+    if history.is_file():
+        lines += ["Every invocation of `posdistill run` on this directory:", "",
+                  "| finished | wall s | peak GiB | computed | reused |", "|---|---|---|---|---|"]
+        for row in map(json.loads, history.read_text().splitlines()):
+            lines.append(f"| {row.get('finished_at', '?')} | {row['wall_s']:.0f} | {row['peak_memory_gib']:.2f} | "
+                         f"{sum(map(len, row['computed'].values()))} | {sum(map(len, row['reused'].values()))} |")
+        lines.append("")
 
     lines += ["## Teacher", "", f"`{models['teacher']}`", ""]
     boot = Path(models["teacher"]) / "bootstrap.json"

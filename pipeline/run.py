@@ -170,8 +170,11 @@ def run_pipeline(cfg: Config, address: str | None = None) -> Path:
 
     summary = {"wall_s": round(wall, 1), "peak_memory_gib": round(mem.peak_gib, 2), "timings": log.timings,
                "reused": log.reused, "computed": log.computed}
-    report = write_report(cfg, students, models, eval_dir, analyses, summary)
+    summary["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    with open(cfg.out_dir / "runs.jsonl", "a") as f:  # every invocation, so a re-run keeps the cold run's budget
+        f.write(json.dumps(summary) + "\n")
     atomic_write_json(cfg.out_dir / "run.json", summary)
+    report = write_report(cfg, students, models, eval_dir, analyses, summary)
     print(f"run: wall {wall:.0f} s, peak memory {mem.peak_gib:.2f} GiB (driver + Ray workers + ranks)")
     print(f"run: reused {sum(len(v) for v in log.reused.values())} outputs, "
           f"computed {sum(len(v) for v in log.computed.values())}; report {report}")

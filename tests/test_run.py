@@ -61,3 +61,6 @@ def test_run_end_to_end_and_rerun_reuses(tmp_path):
     assert again["computed"] == {}, again["computed"]
     assert len(again["reused"]["train"]) == 5 and "cache" in again["reused"] and "eval" in again["reused"]
     assert "reused" in second.stdout
+    history = (tmp_path / "run" / "runs.jsonl").read_text().splitlines()
+    assert len(history) == 2  # the cold run's budget stays on record after the re-run
+    assert "Every invocation" in (tmp_path / "run" / "report.md").read_text()
