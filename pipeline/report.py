@@ -51,8 +51,8 @@ def _stats(xs: list[float]) -> tuple[float, float, int]:
     return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0, len(xs)
 
 
-def verdict(a: list[float], b: list[float]) -> tuple[str, float, float]:
-    """Is mean(a) > mean(b) beyond noise? (verdict, difference, 2 x standard error)."""
+def verdict(a: list[float], b: list[float], chance: float = 0.0) -> tuple[str, float, float]:
+    """Is mean(a) > mean(b) beyond noise and above chance? (verdict, difference, 2 x standard error)."""
     ma, sa, na = _stats(a)
     mb, sb, nb = _stats(b)
     diff = ma - mb
@@ -61,6 +61,8 @@ def verdict(a: list[float], b: list[float]) -> tuple[str, float, float]:
         return "not measured", diff, se2
     if max(na, nb) < 2:
         return "single seed, no interval", diff, se2
+    if ma <= chance + max(2 * sa / math.sqrt(na) if na else 0.0, 0.01):
+        return "not reproduced (at chance level)", diff, se2
     if diff > 0 and diff > se2:
         return "reproduced", diff, se2
     if diff > 0:
@@ -86,8 +88,12 @@ def _findings(cfg: Config, students: list[Any], results: dict[str, dict]) -> lis
         role = {(True, True): "kd_raised", (False, True): "ce_raised", (True, False): "kd_kept"}.get((kd, raised))
         if role:
             groups.setdefault(role, []).append(s)
+    # Needle values are 8 characters of the data alphabet: a guess is right per token 1/|alphabet|.
+    per_token = 1.0 / len(cfg.data.synthetic.alphabet)
+    chance = {"token_acc": per_token, "exact": per_token ** 8}
     lines = [f"Score: needle retrieval at lengths beyond the short pretraining window ({short} tokens), mean over "
-             f"depths and those lengths, per seed; verdict rule: difference > 2 standard errors over seeds.", ""]
+             f"depths and those lengths, per seed; verdict rule: difference > 2 standard errors over seeds, and "
+             f"the better variant above chance (token accuracy {per_token:.3f}).", ""]
     lines += ["| variant | seeds | exact match (mean ± sd) | token accuracy (mean ± sd) |", "|---|---|---|---|"]
     per: dict[str, dict[str, list[float]]] = {}
     for s in base + ext:
@@ -124,7 +130,7 @@ def _findings(cfg: Config, students: list[Any], results: dict[str, dict]) -> lis
             continue
         parts = []
         for metric in ("exact", "token_acc"):
-            v, diff, se2 = verdict(scores(a, metric), scores(b, metric))
+            v, diff, se2 = verdict(scores(a, metric), scores(b, metric), chance[metric])
             parts.append(f"{metric.replace('_', ' ')}: **{v}** (difference {diff:+.3f}, 2·SE {se2:.3f})")
         lines.append(f"- {title}: " + "; ".join(parts) + ".")
     return lines
