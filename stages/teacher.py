@@ -18,6 +18,7 @@ import torch
 from pipeline.config import TeacherConfig
 from pipeline.errors import UserError
 from pipeline.fingerprint import dir_identity
+from stages.pack import position_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Files whose content decides the teacher's numbers (weights, architecture, RoPE parameters,
@@ -28,13 +29,6 @@ _TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def position_ids_for(doc_starts: list[int], window_len: int, mode: str) -> np.ndarray:
-    """Positions of one window: 0..L-1 (cross_doc) or restarting at each doc start (doc_masked)."""
-    from stages.pack import position_ids
-
-    return position_ids(doc_starts, window_len, mode)
 
 
 def model_inputs(input_ids: torch.Tensor, doc_starts: list[list[int]], mode: str) -> dict[str, Any]:
@@ -53,7 +47,7 @@ def model_inputs(input_ids: torch.Tensor, doc_starts: list[list[int]], mode: str
         raise ValueError(f"input_ids must be [B, L] with one doc_starts list per row, got "
                          f"{tuple(input_ids.shape)} and {len(doc_starts)} lists")
     B, L = input_ids.shape
-    pos = np.stack([position_ids_for(list(s), L, mode) for s in doc_starts])  # [B, L]
+    pos = np.stack([position_ids(list(s), L, mode) for s in doc_starts])  # [B, L]
     return {
         "input_ids": input_ids,
         "position_ids": torch.from_numpy(pos).to(input_ids.device),

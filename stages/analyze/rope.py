@@ -14,9 +14,7 @@ from typing import Any
 
 import torch
 
-
-def head_dim_of(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+from stages.rope import head_dim_of  # one definition for training and analysis
 
 
 def rope_pairs(head_dim: int, rotary_dim: int | None = None) -> torch.Tensor:

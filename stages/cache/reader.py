@@ -35,11 +35,11 @@ from stages.cache.codec import codec_from_footer, flat_values
 from stages.cache.manifest import read_manifest
 
 
-def _differences(have: Any, want: Any, path: str = "") -> list[str]:
+def differences(have: Any, want: Any, path: str = "") -> list[str]:
     if isinstance(have, dict) and isinstance(want, dict):
         out = []
         for key in sorted(set(have) | set(want)):
-            out += _differences(have.get(key), want.get(key), f"{path}.{key}" if path else str(key))
+            out += differences(have.get(key), want.get(key), f"{path}.{key}" if path else str(key))
         return out
     if have == want:
         return []
@@ -51,7 +51,7 @@ def check_cache(cache_dir: str | Path, expected_identity: dict[str, Any]) -> dic
     """The cache's manifest if it was computed for ``expected_identity``, else a UserError
     naming every field that differs (e.g. ``k``, ``teacher.files``, ``pack``)."""
     manifest = read_manifest(cache_dir)
-    diff = _differences(manifest.get("identity", {}), expected_identity)
+    diff = differences(manifest.get("identity", {}), expected_identity)
     if diff:
         raise UserError(f"{cache_dir}: teacher cache does not match this run's config; differing fields: "
                         + "; ".join(diff))

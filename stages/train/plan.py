@@ -118,7 +118,7 @@ def check_phase_cache(cfg: Config, phase: PhasePlan) -> Path:
     """
     import json
 
-    from stages.cache.reader import _differences, check_cache
+    from stages.cache.reader import differences, check_cache
     from stages.cache.stage import cache_dir_for, cache_identity
 
     where = f"train.phases[{phase.index}]"
@@ -131,7 +131,7 @@ def check_phase_cache(cfg: Config, phase: PhasePlan) -> Path:
                 have = json.loads(other.read_text()).get("identity", {})
             except (OSError, json.JSONDecodeError):
                 continue
-            diff = _differences(have, want)
+            diff = differences(have, want)
             if nearest is None or len(diff) < nearest[0]:
                 nearest = (len(diff), other.parent, diff)
         state = "incomplete (no manifest.json)" if path.is_dir() else "missing"
