@@ -34,8 +34,8 @@ def _theta(cfg: Config) -> Any:
     return cfg.train.phases[-1].rope.theta
 
 
-def _long_score(entry: dict[str, Any], short_window: int, metric: str) -> float:
-    g = entry["tasks"].get("needle")
+def _long_score(entry: dict[str, Any], short_window: int, metric: str, task: str = "needle") -> float:
+    g = entry["tasks"].get(task)
     if not g:
         return float("nan")
     cols = [i for i, length in enumerate(g["lengths"]) if length > short_window]
@@ -88,51 +88,57 @@ def _findings(cfg: Config, students: list[Any], results: dict[str, dict]) -> lis
         role = {(True, True): "kd_raised", (False, True): "ce_raised", (True, False): "kd_kept"}.get((kd, raised))
         if role:
             groups.setdefault(role, []).append(s)
-    # Needle values are 8 characters of the data alphabet: a guess is right per token 1/|alphabet|.
-    per_token = 1.0 / len(cfg.data.synthetic.alphabet)
-    chance = {"token_acc": per_token, "exact": per_token ** 8}
-    lines = [f"Score: needle retrieval at lengths beyond the short pretraining window ({short} tokens), mean over "
-             f"depths and those lengths, per seed; verdict rule: difference > 2 standard errors over seeds, and "
-             f"the better variant above chance (token accuracy {per_token:.3f}).", ""]
-    lines += ["| variant | seeds | exact match (mean ± sd) | token accuracy (mean ± sd) |", "|---|---|---|---|"]
-    per: dict[str, dict[str, list[float]]] = {}
-    for s in base + ext:
-        e = results.get(s.label)
-        if e is None:
-            continue
-        d = per.setdefault(s.variant, {"exact": [], "token_acc": []})
-        d["exact"].append(_long_score(e, short, "exact"))
-        d["token_acc"].append(_long_score(e, short, "token_acc"))
-    for name, d in per.items():
-        me, se, n = _stats(d["exact"])
-        mt, st, _ = _stats(d["token_acc"])
-        lines.append(f"| {name} | {n} | {_fmt(me)} ± {_fmt(se)} | {_fmt(mt)} ± {_fmt(st)} |")
-    teacher = results.get("teacher")
-    if teacher:
-        lines.append(f"| teacher | - | {_fmt(_long_score(teacher, short, 'exact'))} | "
-                     f"{_fmt(_long_score(teacher, short, 'token_acc'))} |")
-    lines.append("")
+    # Needle values are 8 characters of the data alphabet, passkeys 5 digits: a guess is right
+    # per token with probability 1/|alphabet| or 1/10.
+    per_token = {"needle": 1.0 / len(cfg.data.synthetic.alphabet), "passkey": 0.1}
+    answer_len = {"needle": 8, "passkey": 5}
+    tasks = [t for t in ("needle", "passkey") if t in cfg.eval.tasks]
+    lines = [f"Score: retrieval at lengths beyond the short pretraining window ({short} tokens), mean over depths "
+             f"and those lengths, per seed, for each task; verdict rule: difference > 2 standard errors over "
+             f"seeds, and the better variant above chance.", ""]
+    for task in tasks:
+        chance = {"token_acc": per_token[task], "exact": per_token[task] ** answer_len[task]}
+        lines += [f"**{task}** (chance per token {per_token[task]:.3f})", "",
+                  "| variant | seeds | exact match (mean ± sd) | token accuracy (mean ± sd) |", "|---|---|---|---|"]
+        per: dict[str, dict[str, list[float]]] = {}
+        for s in base + ext:
+            e = results.get(s.label)
+            if e is None:
+                continue
+            d = per.setdefault(s.variant, {"exact": [], "token_acc": []})
+            for metric in d:
+                d[metric].append(_long_score(e, short, metric, task))
+        for name, d in per.items():
+            me, se, n = _stats(d["exact"])
+            mt, st, _ = _stats(d["token_acc"])
+            lines.append(f"| {name} | {n} | {_fmt(me)} ± {_fmt(se)} | {_fmt(mt)} ± {_fmt(st)} |")
+        teacher = results.get("teacher")
+        if teacher:
+            lines.append(f"| teacher | - | {_fmt(_long_score(teacher, short, 'exact', task))} | "
+                         f"{_fmt(_long_score(teacher, short, 'token_acc', task))} |")
+        lines.append("")
 
-    def scores(ss: list[Any], metric: str) -> list[float]:
-        return [_long_score(results[s.label], short, metric) for s in ss if s.label in results]
+        def scores(ss: list[Any], metric: str) -> list[float]:
+            return [_long_score(results[s.label], short, metric, task) for s in ss if s.label in results]  # noqa: B023
 
-    checks = [
-        ("1. A student trained only on short documents packed into long windows acquires long-context "
-         "retrieval through KD (KD + raised θ vs. the short-pretrained student)", groups.get("kd_raised"), base),
-        ("2. Logit distillation beats plain next-token training on the same windows (KD vs. CE, both raised θ)",
-         groups.get("kd_raised"), groups.get("ce_raised")),
-        ("3. Phase-wise RoPE scaling matters: raising θ for the long phase beats keeping the short θ (both KD)",
-         groups.get("kd_raised"), groups.get("kd_kept")),
-    ]
-    for title, a, b in checks:
-        if not a or not b:
-            lines.append(f"- {title}: not measured (the run lacks one of the variants).")
-            continue
-        parts = []
-        for metric in ("exact", "token_acc"):
-            v, diff, se2 = verdict(scores(a, metric), scores(b, metric), chance[metric])
-            parts.append(f"{metric.replace('_', ' ')}: **{v}** (difference {diff:+.3f}, 2·SE {se2:.3f})")
-        lines.append(f"- {title}: " + "; ".join(parts) + ".")
+        checks = [
+            ("1. A student trained only on short documents packed into long windows acquires long-context "
+             "retrieval through KD (KD + raised θ vs. the short-pretrained student)", groups.get("kd_raised"), base),
+            ("2. Logit distillation beats plain next-token training on the same windows (KD vs. CE, both raised θ)",
+             groups.get("kd_raised"), groups.get("ce_raised")),
+            ("3. Phase-wise RoPE scaling matters: raising θ for the long phase beats keeping the short θ (both KD)",
+             groups.get("kd_raised"), groups.get("kd_kept")),
+        ]
+        for title, a, b in checks:
+            if not a or not b:
+                lines.append(f"- {title}: not measured (the run lacks one of the variants).")
+                continue
+            parts = []
+            for metric in ("exact", "token_acc"):
+                v, diff, se2 = verdict(scores(a, metric), scores(b, metric), chance[metric])
+                parts.append(f"{metric.replace('_', ' ')}: **{v}** (difference {diff:+.3f}, 2·SE {se2:.3f})")
+            lines.append(f"- {title} — {task}: " + "; ".join(parts) + ".")
+        lines.append("")
     return lines
 
 

@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.config import DataConfig, SyntheticConfig
+from pipeline.config import DataConfig, PeriodicConfig, SyntheticConfig
 from pipeline.errors import UserError
 from pipeline.fingerprint import dir_identity, file_identity
 
@@ -48,6 +48,16 @@ def synthetic_document(rng: random.Random, cfg: SyntheticConfig, length: int) ->
         k, v = rng.choice(pairs)
         out += f"{k}?{v};"
     return out[:length]
+
+
+def periodic_documents(cfg: PeriodicConfig, doc_len: tuple[int, int], seed: int) -> Iterator[list[int]]:
+    """Token-id documents (no tokenizer involved): a random segment repeated to the length."""
+    rng = random.Random(seed)
+    for _ in range(cfg.num_docs):
+        length = rng.randint(doc_len[0], doc_len[1])
+        p = rng.randint(cfg.period[0], min(cfg.period[1], length))
+        seg = [rng.randrange(cfg.alphabet_size) for _ in range(p)]
+        yield (seg * (length // p + 1))[:length]
 
 
 def synthetic_documents(cfg: SyntheticConfig, doc_len: tuple[int, int], seed: int) -> Iterator[str]:
@@ -151,6 +161,9 @@ def _saved_dataset(path: Path, field: str) -> Iterator[str]:
 
 
 def iter_documents(data: DataConfig, doc_len: tuple[int, int], seed: int) -> Iterator[str]:
+    if data.source == "periodic":
+        raise UserError("data.source: 'periodic' documents are token ids, usable only as training data to pack "
+                        "(a train phase's data), not as text")
     if data.source == "synthetic":
         yield from synthetic_documents(data.synthetic, doc_len, seed)
         return
@@ -169,6 +182,8 @@ def source_identity(data: DataConfig) -> object:
     """What about the input data changes the packed windows (content, not paths or mtimes)."""
     if data.source == "synthetic":
         return {"synthetic": data.synthetic.model_dump(mode="json"), "version": 1}
+    if data.source == "periodic":
+        return {"periodic": data.periodic.model_dump(mode="json"), "version": 1}
     idents = []
     for path in resolve_files(data.source):
         idents.append({"dataset": dir_identity(path)} if path.is_dir() else file_identity(path))

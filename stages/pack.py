@@ -29,7 +29,7 @@ from pipeline.config import Config, DataConfig, PackConfig
 from pipeline.errors import UserError
 from pipeline.fingerprint import FORMAT_VERSION, fingerprint
 from pipeline.progress import Progress, human
-from stages.corpus import iter_documents, source_identity
+from stages.corpus import iter_documents, periodic_documents, source_identity
 from stages.tokenizer import load_tokenizer, tokenizer_identity
 
 SCHEMA = pa.schema([
@@ -67,7 +67,7 @@ def pack_spec(cfg: Config, phase_index: int | None = None) -> PackSpec:
     pack, data = cfg.pack, cfg.data
     if phase_index is not None:
         phase = cfg.train.phases[phase_index]
-        pack = pack.model_copy(update={"window_len": phase.window_len})
+        pack = pack.model_copy(update={"window_len": phase.window_len, "doc_len": phase.doc_len or pack.doc_len})
         data = phase.data or data
     return PackSpec(data=data, pack=pack, seed=cfg.run.seed)
 
@@ -121,34 +121,50 @@ class PackStats:
                 f"{human(rate)} tokens/s in {self.seconds:.1f}s")
 
 
-def _chunks(spec: PackSpec, stats: PackStats, progress: Progress) -> Iterator[np.ndarray]:
-    """Tokenized, chunked documents in corpus order."""
+def _token_documents(spec: PackSpec) -> Iterator[list[int]]:
+    """Documents as token ids, BOS first when the tokenizer has one."""
     tok = load_tokenizer(spec.data.tokenizer)
     lo, hi = spec.pack.doc_len
-    bos = tok.bos_token_id
-    # Synthetic lengths are in characters; leave room for BOS so a doc is one chunk.
-    docs = iter_documents(spec.data, (lo, max(lo, hi - (bos is not None))), spec.seed)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    # Synthetic lengths are in characters (periodic ones in ids); leave room for BOS so a
+    # doc is one chunk.
+    doc_len = (lo, max(lo, hi - len(bos)))
+    if spec.data.source == "periodic":
+        if spec.data.periodic.alphabet_size > len(tok):
+            raise UserError(f"data.periodic.alphabet_size {spec.data.periodic.alphabet_size} exceeds the "
+                            f"vocabulary of {spec.data.tokenizer} ({len(tok)} ids)")
+        for ids in periodic_documents(spec.data.periodic, doc_len, spec.seed):
+            yield bos + ids
+        return
+    docs = iter_documents(spec.data, doc_len, spec.seed)
     while True:
         batch = [d for _, d in zip(range(_TOKENIZE_BATCH), docs)]
         if not batch:
             return
         for ids in tok(batch, add_special_tokens=False)["input_ids"]:
-            arr = np.asarray(([bos] if bos is not None else []) + ids, dtype=np.int32)
-            stats.docs_read += 1
-            stats.tokens_read += len(arr)
-            kept = False
-            for start in range(0, len(arr), hi):
-                chunk = arr[start:start + hi]
-                if len(chunk) < lo:
-                    stats.chunks_dropped += 1
-                    stats.tokens_dropped_short += len(chunk)
-                    continue
-                kept = True
-                stats.chunks_kept += 1
-                yield chunk
-            stats.docs_kept += kept
-            stats.docs_dropped += not kept
-            progress.update(1, len(arr))
+            yield bos + ids
+
+
+def _chunks(spec: PackSpec, stats: PackStats, progress: Progress) -> Iterator[np.ndarray]:
+    """Tokenized, chunked documents in corpus order."""
+    lo, hi = spec.pack.doc_len
+    for ids in _token_documents(spec):
+        arr = np.asarray(ids, dtype=np.int32)
+        stats.docs_read += 1
+        stats.tokens_read += len(arr)
+        kept = False
+        for start in range(0, len(arr), hi):
+            chunk = arr[start:start + hi]
+            if len(chunk) < lo:
+                stats.chunks_dropped += 1
+                stats.tokens_dropped_short += len(chunk)
+                continue
+            kept = True
+            stats.chunks_kept += 1
+            yield chunk
+        stats.docs_kept += kept
+        stats.docs_dropped += not kept
+        progress.update(1, len(arr))
 
 
 def _shuffled(items: Iterator[np.ndarray], buffer: int, rng: random.Random) -> Iterator[np.ndarray]:

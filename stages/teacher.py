@@ -157,9 +157,21 @@ class TeacherScorer:
     def score(self, input_ids: torch.Tensor, doc_starts: list[list[int]], mode: str,
               window_ids: list[int] | None = None) -> dict[str, torch.Tensor | None]:
         """input_ids [B, L] -> ids int32 [B, L, m], logp float32 [B, L, m], counts int16 [B, L, m] | None."""
+        return self.select(self.hidden(input_ids, doc_starts, mode), window_ids)
+
+    @torch.no_grad()
+    def hidden(self, input_ids: torch.Tensor, doc_starts: list[list[int]], mode: str) -> torch.Tensor:
+        """The teacher body's final hidden states [B, L, H]: the forward, without the head."""
         input_ids = input_ids.to(self.device)
-        B, L = input_ids.shape
-        hidden = self.body(**model_inputs(input_ids, doc_starts, mode)).last_hidden_state  # [B, L, H]
+        return self.body(**model_inputs(input_ids, doc_starts, mode)).last_hidden_state
+
+    @torch.no_grad()
+    def select(self, hidden: torch.Tensor, window_ids: list[int] | None = None) -> dict[str, torch.Tensor | None]:
+        """Final hidden states [B, L, H] -> the sparse targets, one sequence chunk of logits at a time.
+
+        Separate from ``hidden`` so a cache worker can select batch b on one thread while
+        the teacher computes batch b+1 on another."""
+        B, L = hidden.shape[:2]
         m = self.width
         ids = torch.empty(B, L, m, dtype=torch.int32)
         logp = torch.empty(B, L, m, dtype=torch.float32)

@@ -173,3 +173,33 @@ def test_cli_pack_bad_input_exit_code(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error: data.source:") and "Traceback" not in out.stderr
     assert not (tmp_path / "run" / "pack").exists() or not list((tmp_path / "run" / "pack").iterdir())
+
+
+def test_periodic_source_and_phase_doc_len(tmp_path):
+    # A short pretraining phase of one window-long periodic document per window.
+    cfg = _cfg(tmp_path, data={"source": "synthetic"},
+               train={"phases": [{"window_len": 64, "steps": 1, "doc_len": [64, 64],
+                                  "data": {"source": "periodic", "periodic": {"num_docs": 40, "period": [3, 9],
+                                                                              "alphabet_size": 16}}}]})
+    spec = pack_spec(cfg, 0)
+    assert spec.pack.doc_len == (64, 64) and spec.pack.window_len == 64
+    rows = list(iter_windows(run_pack(cfg, spec, verbose=False)))
+    bos = build_byte_tokenizer().bos_token_id
+    assert len(rows) == 40
+    for r in rows:
+        ids = list(r["input_ids"])
+        assert list(r["doc_starts"]) == [0] and ids[0] == bos
+        body = ids[1:]
+        assert max(body) < 16
+        period = min(p for p in range(1, 10) if body[p:] == body[:-p])  # a repetition of the first period
+        assert body == (body[:period] * 64)[:63]
+    other = _cfg(tmp_path, train={"phases": [{"window_len": 64, "steps": 1, "doc_len": [64, 64],
+                                               "data": {"source": "periodic", "periodic": {"num_docs": 40, "period": [3, 10],
+                                                                                           "alphabet_size": 16}}}]})
+    assert pack_spec(other, 0).fingerprint() != spec.fingerprint()
+    big = _cfg(tmp_path, train={"phases": [{"window_len": 64, "steps": 1, "doc_len": [64, 64],
+                                             "data": {"source": "periodic", "periodic": {"alphabet_size": 4096}}}]})
+    with pytest.raises(UserError, match="data.periodic.alphabet_size 4096"):
+        run_pack(big, pack_spec(big, 0), verbose=False)
+    with pytest.raises(Exception, match="doc_len max 128 exceeds window_len 64"):
+        _cfg(tmp_path, train={"phases": [{"window_len": 64, "steps": 1, "doc_len": [8, 128]}]})

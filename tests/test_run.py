@@ -19,7 +19,10 @@ SECTIONS = ["## Budget", "## Teacher", "## Retrieval (needle and passkey)", "## 
 
 def _config(tmp_path):
     teacher = make_tiny_llama(tmp_path / "teacher", seed=1)
-    phase_short = {"window_len": 128, "steps": 3, "kd": {"alpha": 0.0}, "rope": {"theta": 10000}}
+    # The base pretrains on periodic token-id documents, one per window, at a constant lr (as the demo's).
+    phase_short = {"window_len": 128, "steps": 3, "kd": {"alpha": 0.0}, "rope": {"theta": 10000},
+                   "doc_len": [128, 128], "min_lr_ratio": 1.0,
+                   "data": {"source": "periodic", "periodic": {"num_docs": 40, "period": [4, 16]}}}
     long = lambda alpha, theta: {"window_len": 256, "steps": 2, "kd": {"alpha": alpha}, "rope": {"theta": theta}}
     return {
         "run": {"name": "tiny", "out_dir": str(tmp_path / "run"), "seed": 0},
@@ -51,6 +54,8 @@ def test_run_end_to_end_and_rerun_reuses(tmp_path):
         assert section in report, section
     for name in ["teacher", "base-s0", "kd-theta-s0", "kd-theta-s1", "ce-theta-s0", "kd-keep-s0"]:
         assert f"| {name} |" in report or f"![{name}]" in report, name
+    for task in ("needle", "passkey"):  # each finding is scored on both retrieval tasks
+        assert report.count(f"— {task}: ") == 3, task
     summary = json.loads((tmp_path / "run" / "run.json").read_text())
     assert len(summary["computed"]["train"]) == 5 and len(summary["computed"]["cache"]) == 1
     assert summary["peak_memory_gib"] > 0

@@ -113,3 +113,24 @@ def test_tiled_mlp_and_checkpointing_keep_loss_and_gradients():
     for tiled, ckpt in ((True, False), (False, True), (True, True)):
         loss, grad = run(tiled, ckpt)
         assert loss == pytest.approx(ref_loss, rel=1e-6) and torch.allclose(grad, ref_grad, atol=1e-6)
+
+
+def test_periodic_documents_train_after_their_first_period():
+    from stages.kd_loss import IGNORE
+    from stages.train.data import collate, first_period
+
+    bos = 257
+    doc_a = [bos] + [5, 6, 7] * 4  # period 3, 13 tokens
+    doc_b = [bos] + [9, 8, 7, 6, 5] * 2 + [9]  # period 5, 12 tokens
+    ids = torch.tensor(doc_a + doc_b[:7], dtype=torch.int32)  # 20 tokens; doc_b continues later
+    row = {"window_id": 0, "input_ids": ids, "doc_starts": [0, 13]}
+    b = collate([row], "cross_doc", 20, 1, 0, with_targets=False, periodic=True)
+    labels = b.labels[0].tolist()
+    assert first_period(torch.tensor([1, 2, 1, 2, 1])) == 2 and first_period(torch.tensor([1, 2, 3])) == 3
+    # doc_a: positions 0..3 predict BOS->5, 5->6, 6->7, 7->5 (the first period and one more) are ignored
+    assert labels[:4] == [IGNORE] * 4 and labels[4:13] == ids[5:14].tolist()
+    # doc_b: the window holds only its first 7 tokens (BOS + 6): period 5 found, 6 labels ignored, then 19 has no next
+    assert labels[13:19] == [IGNORE] * 6 and labels[19] == IGNORE
+    assert b.ce_norm == 9
+    plain = collate([row], "cross_doc", 20, 1, 0, with_targets=False)
+    assert plain.ce_norm == 19 and plain.labels[0, :19].tolist() == ids[1:].tolist()

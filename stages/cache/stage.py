@@ -156,6 +156,9 @@ class Fault:
             os._exit(1)
 
 
+_AHEAD = 2  # batches of teacher hidden states computed ahead of the top-k selection
+
+
 class CacheWorker:
     """Holds one teacher replica; ``run_shard`` computes and publishes one shard."""
 
@@ -189,28 +192,35 @@ class CacheWorker:
             raise UserError(f"{job.pack_dir}: expected {spec['rows']} windows from {spec['first_window']}, "
                             f"found {len(wids)}")
         batch = job.teacher_cfg.batch_size
-        # Row group g is encoded and written on a second thread while the teacher computes g+1
-        # (zstd and Parquet release the GIL): the I/O hides behind the forward.
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        # Three stages overlap: the teacher forward of batch b+1 (this thread), the top-k
+        # selection of batch b (a second thread) and the encoding and write of the previous row
+        # group (a third). Torch ops, zstd and Parquet release the GIL, so on a CPU with a core
+        # to spare the selection and I/O hide behind the forward; on a GPU they keep host work
+        # off the device's critical path. At most ``_AHEAD`` batches of hidden states wait.
+        select_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-select")
+        write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        in_flight: list[Future] = []
         pending: Future | None = None
+
+        def write_group(gs: slice, parts: list[Future]) -> None:
+            out = [f.result() for f in parts]
+            cat = lambda key: np.concatenate([o[key].numpy() for o in out]) if out[0][key] is not None else None  # noqa: E731
+            writer.write(wids[gs].tolist(), inputs[gs], starts[gs], cat("ids"), cat("logp"), cat("counts"))
+
         try:
             for g in range(0, len(wids), c.windows_per_row_group):
-                gs = slice(g, g + c.windows_per_row_group)
-                out: dict[str, list] = {"ids": [], "logp": [], "counts": []}
-                for b in range(g, min(len(wids), g + c.windows_per_row_group), batch):
+                gs = slice(g, min(len(wids), g + c.windows_per_row_group))
+                parts = []
+                for b in range(gs.start, gs.stop, batch):
                     bs = slice(b, min(b + batch, gs.stop))
-                    res = self.scorer.score(torch.from_numpy(inputs[bs]).long(), starts[bs], job.mode,
-                                            wids[bs].tolist())
-                    for key in out:
-                        if res[key] is not None:
-                            out[key].append(res[key].numpy())
+                    hidden = self.scorer.hidden(torch.from_numpy(inputs[bs]).long(), starts[bs], job.mode)
+                    parts.append(select_pool.submit(self.scorer.select, hidden, wids[bs].tolist()))
+                    in_flight = [f for f in in_flight + [parts[-1]] if not f.done()]
+                    if len(in_flight) > _AHEAD:
+                        in_flight.pop(0).result()
                 if pending is not None:
                     pending.result()
-                pending = pool.submit(
-                    writer.write, wids[gs].tolist(), inputs[gs], starts[gs],
-                    np.concatenate(out["ids"]), np.concatenate(out["logp"]),
-                    np.concatenate(out["counts"]) if out["counts"] else None,
-                )
+                pending = write_pool.submit(write_group, gs, parts)
                 if g == 0 and self.fault.active:
                     pending.result()  # the temp file holds a row group when the fault strikes
                     self.fault.after_first_row_group(index)
@@ -218,12 +228,14 @@ class CacheWorker:
                 pending.result()
             size = writer.close()
         except BaseException:
+            select_pool.shutdown(wait=True, cancel_futures=True)
             if pending is not None:
                 wait([pending])
             writer.abort()
             raise
         finally:
-            pool.shutdown(wait=True)
+            select_pool.shutdown(wait=True)
+            write_pool.shutdown(wait=True)
         # CPU seconds are the process's (all its threads); on a shared machine they are a steadier
         # measure of cost than wall time. ``process_cpu_seconds`` includes start-up and teacher load.
         return {"index": index, "rows": len(wids), "tokens": len(wids) * job.window_len, "bytes": size,

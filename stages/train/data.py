@@ -138,8 +138,30 @@ class Batch:
                      mv(self.weights), self.kd_norm, self.ce_norm, self.tokens)
 
 
+def first_period(ids: torch.Tensor) -> int:
+    """The smallest p with ids[p:] == ids[:-p] (len(ids) when there is none)."""
+    n = len(ids)
+    for p in range(1, n):
+        if torch.equal(ids[p:], ids[:-p]):
+            return p
+    return n
+
+
+def mask_first_periods(labels: torch.Tensor, input_ids: torch.Tensor, starts: list[list[int]]) -> None:
+    """Ignore each periodic document's first period: it is random, so its loss is noise.
+
+    With the whole row trained (BOS and first period included) an induction mechanism
+    emerged in a 2-layer student much later or not at all (docs/teacher.md)."""
+    B, L = input_ids.shape
+    for b in range(B):
+        bounds = list(starts[b]) + [L]
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            p = first_period(input_ids[b, s + 1:e])  # after the BOS (or the first token)
+            labels[b, s:min(e, s + p + 1)] = IGNORE
+
+
 def collate(rows: list[dict[str, Any]], mode: str, window_len: int, sp: int, sp_rank: int,
-            with_targets: bool) -> Batch:
+            with_targets: bool, periodic: bool = False) -> Batch:
     from stages.teacher import model_inputs
 
     input_ids = torch.stack([r["input_ids"].long() for r in rows])  # [B, L]
@@ -150,6 +172,8 @@ def collate(rows: list[dict[str, Any]], mode: str, window_len: int, sp: int, sp_
     pos = model_inputs(input_ids, starts, mode)["position_ids"]  # [B, L]
     labels = torch.full_like(input_ids, IGNORE)
     labels[:, :-1] = input_ids[:, 1:]  # next token; the last position has none
+    if periodic:
+        mask_first_periods(labels, input_ids, starts)
     ids = logp = weights = None
     if with_targets:
         per_pos = lambda key: torch.stack([torch.as_tensor(r[key]).reshape(L, -1) for r in rows])  # noqa: E731
@@ -158,7 +182,7 @@ def collate(rows: list[dict[str, Any]], mode: str, window_len: int, sp: int, sp_
         if rows[0].get("counts") is not None:
             counts = per_pos("counts").float()  # [B, L, m]
             weights = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)  # count / S
-    kd_norm, ce_norm = (B * L if with_targets else 0), B * (L - 1)
+    kd_norm, ce_norm = (B * L if with_targets else 0), max(1, int((labels != IGNORE).sum()))
     if sp > 1:  # keep this rank's slice of the sequence, of every per-position tensor
         c = L // sp
         sl = slice(sp_rank * c, (sp_rank + 1) * c)

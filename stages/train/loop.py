@@ -159,7 +159,8 @@ def open_loader(cfg: Config, phase: PhasePlan, geo: Geometry, rank: int, state: 
     if state is not None:
         stream.load_state_dict(state)
     source = batches(stream, geo.micro_batch, mode=cfg.pack.mode, window_len=phase.window_len, sp=geo.sp,
-                     sp_rank=geo.sp_rank(rank), with_targets=phase.source == "cache")
+                     sp_rank=geo.sp_rank(rank), with_targets=phase.source == "cache",
+                     periodic=phase.data.source == "periodic")
     return Prefetcher(source, cfg.train.prefetch)
 
 
@@ -227,7 +228,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         data = open_loader(cfg, phase, geo, env.rank, state if resume_here else None)
         try:
             while step < phase.end:
-                lr = lr_at(phase, step - phase.start, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
+                lr = lr_at(phase, step - phase.start, cfg.train.warmup_steps)
                 for group in engine.optimizer.param_groups:
                     group["lr"] = lr
                 t0 = time.perf_counter()

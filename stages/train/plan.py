@@ -26,6 +26,7 @@ class PhasePlan:
     steps: int
     start: int  # global optimizer steps done before this phase
     lr: float
+    min_lr_ratio: float
     kd: KDConfig  # train.kd with the phase's overrides applied
     data: DataConfig
     source: Literal["cache", "pack"]  # teacher cache (kd.alpha > 0) or packed windows (alpha 0)
@@ -71,7 +72,8 @@ def resolve_phases(cfg: Config) -> list[PhasePlan]:
         kd = cfg.train.kd.model_copy(update=override)
         out.append(PhasePlan(
             index=i, name=ph.name or f"phase{i}", window_len=ph.window_len, steps=ph.steps, start=start,
-            lr=ph.lr or cfg.train.lr, kd=kd, data=ph.data or cfg.data,
+            lr=ph.lr or cfg.train.lr,
+            min_lr_ratio=cfg.train.min_lr_ratio if ph.min_lr_ratio is None else ph.min_lr_ratio, kd=kd, data=ph.data or cfg.data,
             source="cache" if kd.alpha > 0 else "pack"))
         start += ph.steps
     return out
@@ -96,8 +98,9 @@ def geometry(cfg: Config, world: int) -> Geometry:
     return Geometry(world=world, sp=sp, dp=dp, micro_batch=t.micro_batch, grad_accum=t.batch_size // per_step)
 
 
-def lr_at(phase: PhasePlan, step_in_phase: int, warmup: int, min_ratio: float) -> float:
-    """Linear warmup to the phase's lr, then cosine down to lr * min_ratio, per phase."""
+def lr_at(phase: PhasePlan, step_in_phase: int, warmup: int) -> float:
+    """Linear warmup to the phase's lr, then cosine down to lr * its min_lr_ratio, per phase."""
+    min_ratio = phase.min_lr_ratio
     warm = min(warmup, phase.steps)
     if step_in_phase < warm:
         return phase.lr * (step_in_phase + 1) / warm
