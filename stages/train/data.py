@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -140,11 +141,11 @@ class Batch:
 
 def first_period(ids: torch.Tensor) -> int:
     """The smallest p with ids[p:] == ids[:-p] (len(ids) when there is none)."""
-    n = len(ids)
-    for p in range(1, n):
-        if torch.equal(ids[p:], ids[:-p]):
-            return p
-    return n
+    a = ids.numpy()
+    for p in np.flatnonzero(a[1:] == a[0]) + 1:  # only shifts that repeat the first id can match
+        if np.array_equal(a[p:], a[:-p]):
+            return int(p)
+    return len(a)
 
 
 def mask_first_periods(labels: torch.Tensor, input_ids: torch.Tensor, starts: list[list[int]]) -> None:
