@@ -6,11 +6,12 @@ alphabet, periods 16-100, loss after the first period) every 100 steps; jumps fr
 > 0.8 mark the emergence. Logs of the runs behind docs/teacher.md ("The demo's students"):
 bench/results/induction_probe/<variant>.log.
 
-    python bench/induction_probe.py VARIANT STEPS LR const|decay LAYERS
+    python bench/induction_probe.py [VARIANT STEPS LR const|decay LAYERS [PACK_DIR]]
+    (default: bytes-b98 1200 3e-3 const 2, the recipe the demo adopted)
 
 VARIANT: "bytes" (periodic rows over ids 0..255) or "printable" (ASCII 32..126), or
-"packed" (the first pack file under /tmp/probe/runs/pack, i.e. a pack of the demo's text
-documents); "U" trains on every position (as packed windows do) instead of after the first
+"packed" (the first windows file of PACK_DIR, e.g. a window-256 pack of the demo's text
+documents under runs/demo/pack); "U" trains on every position (as packed windows do) instead of after the first
 period; "b98" uses AdamW betas (0.9, 0.98); "p64" caps periods at 64 (default 128); "-sN"
 seeds the initialisation.
 """
@@ -26,7 +27,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from stages.bootstrap import periodic_row, alphabet_ids
 torch.set_num_threads(1)
-variant, steps, lr, decay, layers = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "decay", int(sys.argv[5])
+argv = sys.argv[1:] or ["bytes-b98", "1200", "3e-3", "const", "2"]
+variant, steps, lr, decay, layers = argv[0], int(argv[1]), float(argv[2]), argv[3] == "decay", int(argv[4])
 torch.manual_seed(int(variant.split("-s")[-1]) if "-s" in variant else 0)
 cfg = LlamaConfig(vocab_size=260, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
                   head_dim=32, intermediate_size=256, max_position_embeddings=1024, rope_theta=1e4, bos_token_id=257, eos_token_id=258, pad_token_id=259)
@@ -37,7 +39,7 @@ gen = torch.Generator().manual_seed(0)
 byts, prn = alphabet_ids("bytes", "ab"), alphabet_ids("printable", "ab")
 packed = None
 if variant.startswith("packed"):
-    f = sorted(glob.glob("/tmp/probe/runs/pack/*/windows-*.parquet"))[0]
+    f = sorted(glob.glob(f"{argv[5]}/windows-*.parquet"))[0]
     packed = torch.tensor(pq.read_table(f).column("input_ids").to_pylist(), dtype=torch.long)
 egen = torch.Generator().manual_seed(123)
 ev = [periodic_row(egen, 256, 16, 100, prn) for _ in range(64)]
