@@ -36,6 +36,7 @@ class Arch:
     ffn: int
     vocab: int
     tied: bool
+    head_dim: int | None = None  # default hidden // heads
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "Arch":
@@ -43,11 +44,11 @@ class Arch:
         return cls(hidden=h, layers=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"],
                    kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
                    ffn=cfg.get("intermediate_size") or 4 * h, vocab=cfg["vocab_size"],
-                   tied=bool(cfg.get("tie_word_embeddings", False)))
+                   tied=bool(cfg.get("tie_word_embeddings", False)), head_dim=cfg.get("head_dim"))
 
     @property
     def params(self) -> int:
-        head_dim = self.hidden // self.heads
+        head_dim = self.head_dim or self.hidden // self.heads
         attn = self.hidden * head_dim * (2 * self.heads + 2 * self.kv_heads)
         mlp = 3 * self.hidden * self.ffn
         emb = self.vocab * self.hidden * (1 if self.tied else 2)
@@ -107,7 +108,7 @@ def make_plan(cfg: Config, teacher_config: str | None = None, student_config: st
         student = Arch(hidden=sc.hidden_size, layers=sc.num_hidden_layers, heads=sc.num_attention_heads,
                        kv_heads=sc.num_key_value_heads or sc.num_attention_heads,
                        ffn=sc.intermediate_size or 4 * sc.hidden_size, vocab=teacher.vocab,
-                       tied=sc.tie_word_embeddings)
+                       tied=sc.tie_word_embeddings, head_dim=sc.head_dim)
     if not cfg.train.phases:
         raise UserError("train.phases: plan needs at least one phase")
     bpe = _bytes_per_entry()

@@ -90,3 +90,14 @@ def test_plan_cli_without_teacher_config_is_clear(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "plan", str(ROOT / "configs" / "llama-8b-to-1b.yaml")],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "teacher.model" in out.stderr
+
+
+def test_plan_counts_parameters_like_the_model_with_wide_heads():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.plan import Arch
+
+    cfg = LlamaConfig(vocab_size=260, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, intermediate_size=256)  # head_dim != hidden / heads
+    model = LlamaForCausalLM(cfg)
+    assert Arch.from_hf(cfg.to_dict()).params == sum(p.numel() for p in model.parameters())
