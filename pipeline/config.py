@@ -10,12 +10,21 @@ import difflib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UserError
+
+
+def _ordered(v: tuple[int, int]) -> tuple[int, int]:
+    if v[0] < 1 or v[0] > v[1]:
+        raise ValueError("must be [min, max] with 1 <= min <= max")
+    return v
+
+
+Range = Annotated[tuple[int, int], AfterValidator(_ordered)]  # [min, max], 1 <= min <= max
 
 
 class Strict(BaseModel):
@@ -39,14 +48,8 @@ class SyntheticConfig(Strict):
     # Share of documents of each kind; the rest are key->value fact documents.
     copy_fraction: float = Field(0.5, ge=0.0, le=1.0)
     # Length of the repeated segment in copy documents, as a fraction range of the doc length.
-    segment_len: tuple[int, int] = (4, 64)
+    segment_len: Range = (4, 64)
 
-    @field_validator("segment_len")
-    @classmethod
-    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if v[0] < 1 or v[0] > v[1]:
-            raise ValueError("must be [min, max] with 1 <= min <= max")
-        return v
 
 
 class PeriodicConfig(Strict):
@@ -58,17 +61,11 @@ class PeriodicConfig(Strict):
     each document's first period (random, so pure noise)."""
 
     num_docs: int = Field(20000, gt=0)
-    period: tuple[int, int] = (4, 128)  # segment lengths, drawn uniformly
+    period: Range = (4, 128)  # segment lengths, drawn uniformly
     # Segments draw token ids 0..alphabet_size-1 (the byte tokenizer's bytes by default).
     # With 256 ids induction emerged in ~700 steps; with 94 printable characters not in 1000.
     alphabet_size: int = Field(256, ge=2)
 
-    @field_validator("period")
-    @classmethod
-    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if v[0] < 1 or v[0] > v[1]:
-            raise ValueError("must be [min, max] with 1 <= min <= max")
-        return v
 
 
 class DataConfig(Strict):
@@ -85,16 +82,10 @@ class DataConfig(Strict):
 class PackConfig(Strict):
     window_len: int = Field(2048, gt=0)
     mode: Literal["cross_doc", "doc_masked"] = "cross_doc"
-    doc_len: tuple[int, int] = (64, 256)
+    doc_len: Range = (64, 256)
     # Chunks held for the seeded shuffle; bounds memory independently of corpus size.
     shuffle_buffer: int = Field(4096, gt=0)
 
-    @field_validator("doc_len")
-    @classmethod
-    def _doc_len(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if v[0] < 1 or v[0] > v[1]:
-            raise ValueError("must be [min, max] with 1 <= min <= max")
-        return v
 
     @model_validator(mode="after")
     def _fits(self) -> "PackConfig":
@@ -346,15 +337,12 @@ class PhaseConfig(Strict):
     data: DataConfig | None = None  # default: the top-level data section
     # Document lengths packed into this phase's windows (default: pack.doc_len); e.g. one
     # window-long document per window for a short pretraining phase.
-    doc_len: tuple[int, int] | None = None
+    doc_len: Range | None = None
 
     @model_validator(mode="after")
     def _doc_len_fits(self) -> "PhaseConfig":
-        if self.doc_len is not None:
-            if self.doc_len[0] < 1 or self.doc_len[0] > self.doc_len[1]:
-                raise ValueError("doc_len must be [min, max] with 1 <= min <= max")
-            if self.doc_len[1] > self.window_len:
-                raise ValueError(f"doc_len max {self.doc_len[1]} exceeds window_len {self.window_len}")
+        if self.doc_len is not None and self.doc_len[1] > self.window_len:
+            raise ValueError(f"doc_len max {self.doc_len[1]} exceeds window_len {self.window_len}")
         return self
 
 
@@ -486,16 +474,10 @@ class PerturbConfig(Strict):
     layers: list[int] | None = None  # layers whose queries/keys are perturbed; default: all
     window_len: int | None = Field(None, gt=1)  # default: pack.window_len
     windows: int = Field(4, gt=0)
-    segment_len: tuple[int, int] = (16, 128)  # length of each repeated random sequence
+    segment_len: Range = (16, 128)  # length of each repeated random sequence
     repeats: int = Field(2, ge=2)  # copies of each sequence
     logit_lens: bool = True  # KL of every layer's read-out, not only the output's
 
-    @field_validator("segment_len")
-    @classmethod
-    def _segment(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if v[0] < 1 or v[0] > v[1]:
-            raise ValueError("must be [min, max] with 1 <= min <= max")
-        return v
 
     @model_validator(mode="after")
     def _gap(self) -> "PerturbConfig":
