@@ -9,20 +9,18 @@ for each CPU budget T in ``--threads`` (default: 1 and every core):
   in this process with T torch threads, timed before and after the jobs (the mean is used);
 * job: ``run_cache`` end to end on an embedded Ray of T CPUs, already up (as when attaching to
   a cluster): identity hashing, shard plan, actor start and teacher load, the teacher forward
-  (T torch threads), chunked top-k on a second thread, encoding and Parquet writes with
+  (T torch threads), the chunked top-k on a second thread, encoding and Parquet writes with
   fsync + rename on a third, manifest.
 
 Headline ``value``: wall tokens/s of the job in steady state (from its first finished shard
-to its last: the actor is up) over wall tokens/s of the bare forward, with the teacher forward
-given the same compute on both sides (T = 1 torch thread) and the job free to use the
-machine's other core for its host-side work (top-k selection and shard encoding/writing on
-their own threads): the shape of a GPU node, where the forward holds the device and the
-host's cores are otherwise idle. The same ratio with every core given to the forward on both
-sides (T = all) is reported next to it: there the job's extra CPU per token (top-k ~10 % and
-encoding ~15 % of a width-64 teacher's forward) competes with the forward itself. The whole
-job's ratio, which adds the one-time actor start-up (interpreter, torch and transformers
-imports, teacher load: seconds, whatever the teacher's size), is reported with that start-up,
-as are tokens per CPU-second.
+to its last: the actor is up) over wall tokens/s of the bare forward, both forwards on one
+torch thread (T = 1), the job's top-k and writing free to use the machine's other core: the
+shape of a GPU node, where the forward holds the device and host cores are otherwise idle.
+The same ratio with every core given to both (T = all) is reported next
+to it; on this 2-core machine the embedded Ray's own processes (raylet, GCS, dashboard) share
+those cores with the job and not with the bare forward. The whole job's ratio, which adds the
+one-time actor start-up (interpreter, torch and transformers imports, teacher load: seconds,
+whatever the teacher's size), is reported with that start-up, as are tokens per CPU-second.
 
 Run: python bench/cache_overhead.py [--teacher DIR] [--windows 384] [--codec plain]
      python bench/cache_overhead.py --random --name cache_overhead_random_w64   # 2 layers, head_dim 16
@@ -138,12 +136,12 @@ def main() -> None:
         "unit": "ratio", "target_min": 0.90, "codec": cfg.cache.codec, "threads": budgets[0],
         "definition": "wall tokens/s of the cache job (teacher forward, chunked top-k, encoding, Parquet writes, "
                       "fsync/rename, manifest; from the first finished shard to the last) over wall tokens/s of "
-                      "the bare HF forward on the same windows, both forwards with `threads` torch threads (the job's top-k and "
-                      "shard writing on their own threads); by_threads has every budget, the last giving every core to "
-                      "both forwards",
+                      "the bare HF forward on the same windows, both forwards with `threads` torch threads (the job's top-k "
+                      "and shard writing on threads of their own); by_threads has every budget, the last giving every "
+                      "core to both",
         "by_threads": per_budget,
         "windows": len(rows), "window_len": L, "tokens": tokens, "k": K,
-        "teacher": args.teacher if not args.random else f"random Llama, hidden {args.hidden}, {args.layers} layers, 4 heads, vocab 260",
+        "teacher": os.path.relpath(args.teacher, Path(__file__).resolve().parents[1]) if not args.random else f"random Llama, hidden {args.hidden}, {args.layers} layers, 4 heads, vocab 260",
         "machine": {"cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
                     "load_avg_1m": os.getloadavg()[0]},
     }
