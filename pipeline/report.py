@@ -88,6 +88,9 @@ def _findings(cfg: Config, students: list[Any], results: dict[str, dict]) -> lis
         role = {(True, True): "kd_raised", (False, True): "ce_raised", (True, False): "kd_kept"}.get((kd, raised))
         if role:
             groups.setdefault(role, []).append(s)
+    def scores(ss: list[Any], metric: str, task: str) -> list[float]:
+        return [_long_score(results[s.label], short, metric, task) for s in ss if s.label in results]
+
     # Needle values are 8 characters of the data alphabet, passkeys 5 digits: a guess is right
     # per token with probability 1/|alphabet| or 1/10.
     per_token = {"needle": 1.0 / len(cfg.data.synthetic.alphabet), "passkey": 0.1}
@@ -118,9 +121,6 @@ def _findings(cfg: Config, students: list[Any], results: dict[str, dict]) -> lis
                          f"{_fmt(_long_score(teacher, short, 'token_acc', task))} |")
         lines.append("")
 
-        def scores(ss: list[Any], metric: str) -> list[float]:
-            return [_long_score(results[s.label], short, metric, task) for s in ss if s.label in results]  # noqa: B023
-
         checks = [
             ("1. A student trained only on short documents packed into long windows acquires long-context "
              "retrieval through KD (KD + raised θ vs. the short-pretrained student)", groups.get("kd_raised"), base),
@@ -135,7 +135,7 @@ def _findings(cfg: Config, students: list[Any], results: dict[str, dict]) -> lis
                 continue
             parts = []
             for metric in ("exact", "token_acc"):
-                v, diff, se2 = verdict(scores(a, metric), scores(b, metric), chance[metric])
+                v, diff, se2 = verdict(scores(a, metric, task), scores(b, metric, task), chance[metric])
                 parts.append(f"{metric.replace('_', ' ')}: **{v}** (difference {diff:+.3f}, 2·SE {se2:.3f})")
             lines.append(f"- {title} — {task}: " + "; ".join(parts) + ".")
         lines.append("")

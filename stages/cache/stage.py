@@ -197,8 +197,8 @@ class CacheWorker:
         # group (a third). Torch ops, zstd and Parquet release the GIL, so on a CPU with a core
         # to spare the selection and I/O hide behind the forward; on a GPU they keep host work
         # off the device's critical path. At most ``_AHEAD`` batches of hidden states wait.
-        # Measured against inline selection (bench/cache_overhead.py, Ray actor, demo teacher):
-        # 0.92 vs 0.74 of the bare forward on one torch thread, 0.67 vs 0.55 on every core.
+        # A one-off bench/cache_overhead.py run with the selection inline was slower both on one
+        # torch thread and with every core on the forward.
         select_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-select")
         write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         in_flight: list[Future] = []
