@@ -6,11 +6,16 @@ demo windows (1024 tokens, cross_doc, the demo's k = 16),
 for each CPU budget T in ``--threads`` (default: 1 and every core):
 
 * bare: ``model(**model_inputs(...)).logits`` over all windows in batches of ``teacher.batch_size``,
-  in this process with T torch threads, timed before and after the jobs (the mean is used);
+  in this process with T torch threads;
 * job: ``run_cache`` end to end on an embedded Ray of T CPUs, already up (as when attaching to
   a cluster): identity hashing, shard plan, actor start and teacher load, the teacher forward
   (T torch threads), the chunked top-k on a second thread, encoding and Parquet writes with
-  fsync + rename on a third, manifest.
+  fsync + rename on a third, two shards in flight per actor, manifest.
+
+``--repeats`` jobs per budget alternate with bare forwards (bare, job, bare, job, ..., bare);
+each job is compared with the mean of the bare passes just before and after it, and the
+median over the repeats is reported, every run kept in the JSON (wall times on a shared
+machine swing by 10–20 % between identical passes).
 
 Headline ``value``: wall tokens/s of the job in steady state (from its first finished shard
 to its last: the actor is up) over wall tokens/s of the bare forward, both forwards on one
@@ -33,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -80,6 +86,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=64, help="teacher width (64: demo size)")
     ap.add_argument("--layers", type=int, default=2, help="teacher depth (2: demo size)")
     ap.add_argument("--name", default="cache_overhead", help="results/<name>.json")
+    ap.add_argument("--repeats", type=int, default=3, help="jobs per CPU budget, each between two bare forwards")
     ap.add_argument("--threads", type=int, nargs="+", default=None,
                     help="CPU budgets to compare at (default: 1 and every core); the first is the headline")
     args = ap.parse_args()
@@ -115,30 +122,37 @@ def main() -> None:
         for threads in budgets:
             torch.set_num_threads(threads)
             bare_forward(model, rows[:4], 4)  # warm-up
-            bare1 = bare_forward(model, rows, 4)
-            topk1 = forward_and_topk(scorer, rows, 4)
-            t0 = time.perf_counter()
-            start_local(num_cpus=threads)
-            ray_start = time.perf_counter() - t0
-            c = cfg.model_copy(update={"run": cfg.run.model_copy(update={"out_dir": tmp / f"run-{threads}"})})
-            t0, c0 = time.perf_counter(), time.process_time()
-            out = run_cache(c, verbose=True)
-            wall, driver_cpu = time.perf_counter() - t0, time.process_time() - c0
-            job = {"wall": wall, "driver_cpu": driver_cpu, **read_manifest(out)["last_run"],
-                   "shards": len(read_manifest(out)["shards"])}
-            ray.shutdown()
-            bare2 = bare_forward(model, rows, 4)
-            topk2 = forward_and_topk(scorer, rows, 4)
-            per_budget[threads] = summary(job, tokens, bare1, bare2, topk1, topk2, ray_start)
+            topk = [forward_and_topk(scorer, rows, 4)]
+            bares, runs = [bare_forward(model, rows, 4)], []
+            for r in range(args.repeats):  # bare, job, bare, job, ..., bare: each job between two bares
+                t0 = time.perf_counter()
+                start_local(num_cpus=threads)
+                ray_start = time.perf_counter() - t0
+                c = cfg.model_copy(update={"run": cfg.run.model_copy(update={"out_dir": str(tmp / f"run-{threads}")})})
+                t0, c0 = time.perf_counter(), time.process_time()
+                out = run_cache(c, verbose=True, force=True)
+                wall, driver_cpu = time.perf_counter() - t0, time.process_time() - c0
+                manifest = read_manifest(out)
+                ray.shutdown()
+                bares.append(bare_forward(model, rows, 4))
+                job = {"wall": wall, "driver_cpu": driver_cpu, "ray_start": ray_start, **manifest["last_run"],
+                       "shards": len(manifest["shards"])}
+                runs.append(one_run(job, tokens, bares[-2], bares[-1]))
+                print(f"threads {threads}, run {r + 1}/{args.repeats}: steady ratio {runs[-1]['ratio_steady_wall']}",
+                      flush=True)
+            topk.append(forward_and_topk(scorer, rows, 4))
+            per_budget[threads] = summary(runs, tokens, topk)
     head = per_budget[budgets[0]]
     result = {
         "metric": "cache_job_vs_bare_forward_wall_tokens_per_s", "value": head["ratio_steady_wall"],
         "unit": "ratio", "target_min": 0.90, "codec": cfg.cache.codec, "threads": budgets[0],
-        "definition": "wall tokens/s of the cache job (teacher forward, chunked top-k, encoding, Parquet writes, "
-                      "fsync/rename, manifest; from the first finished shard to the last) over wall tokens/s of "
-                      "the bare HF forward on the same windows, both forwards with `threads` torch threads (the job's top-k "
+        "definition": "median over `repeats` jobs of: wall tokens/s of the cache job (teacher forward, chunked "
+                      "top-k, encoding, Parquet writes, fsync/rename, manifest; from the first finished shard to "
+                      "the last) over wall tokens/s of the bare HF forward on the same windows (mean of the passes "
+                      "just before and after that job), both forwards with `threads` torch threads (the job's top-k "
                       "and shard writing on threads of their own); by_threads has every budget, the last giving every "
                       "core to both",
+        "repeats": args.repeats,
         "by_threads": per_budget,
         "windows": len(rows), "window_len": L, "tokens": tokens, "k": K,
         "teacher": os.path.relpath(args.teacher, Path(__file__).resolve().parents[1]) if not args.random else f"random Llama, hidden {args.hidden}, {args.layers} layers, 4 heads, vocab 260",
@@ -150,27 +164,41 @@ def main() -> None:
     print(json.dumps(result, indent=2))
 
 
-def summary(j: dict, tokens: int, bare1: tuple, bare2: tuple, topk1: tuple, topk2: tuple, ray_start: float) -> dict:
+def one_run(j: dict, tokens: int, bare1: tuple, bare2: tuple) -> dict:
+    """One job against the mean of the bare forwards timed just before and just after it."""
     bare_wall, bare_cpu = (bare1[0] + bare2[0]) / 2, (bare1[1] + bare2[1]) / 2
-    topk_wall = (topk1[0] + topk2[0]) / 2
     bare_tps = tokens / bare_wall
-    # CPU: every shard but the worker's first (which pays warm-up, like the bare forward's
+    # CPU: the worker's after its first shard (which pays warm-up, like the bare forward's
     # untimed warm-up pass), scaled to the same token count.
-    shard_cpu = j["steady_shard_cpu_seconds"] * tokens / j["steady_tokens"]
+    steady_cpu = j["steady_cpu_seconds"] * tokens / j["steady_tokens"]
     return {
         "ratio_steady_wall": round((j["steady_tokens_per_s"] or 0) / bare_tps, 3),
         "ratio_whole_job_wall": round(bare_wall / j["wall"], 3),
-        "ratio_cpu": round(bare_cpu / shard_cpu, 3),
+        "ratio_cpu": round(bare_cpu / steady_cpu, 3),
         "bare_forward_tokens_per_s": round(bare_tps),
         "bare_forward_s": [round(bare1[0], 2), round(bare2[0], 2)],
-        "forward_plus_topk_tokens_per_s": round(tokens / topk_wall),
         "job_steady_tokens_per_s": round(j["steady_tokens_per_s"] or 0),
         "job_s": round(j["wall"], 2),
         "job_first_shard_s": round(j["first_shard_s"], 2),
-        "ray_start_s": round(ray_start, 2),
-        "cpu_seconds": {"bare_forward": round(bare_cpu, 2), "job_shards_steady_per_all_tokens": round(shard_cpu, 2),
+        "ray_start_s": round(j["ray_start"], 2),
+        "cpu_seconds": {"bare_forward": round(bare_cpu, 2), "job_steady_per_all_tokens": round(steady_cpu, 2),
                         "job_worker_total": round(j["worker_cpu_seconds"], 2), "driver": round(j["driver_cpu"], 2)},
         "shards": j["shards"],
+    }
+
+
+def summary(runs: list[dict], tokens: int, topk: list[tuple]) -> dict:
+    """Medians over the repeats (the headline), every run kept."""
+    med = lambda key: round(statistics.median(r[key] for r in runs), 3)  # noqa: E731
+    topk_wall = sum(t[0] for t in topk) / len(topk)
+    return {
+        "ratio_steady_wall": med("ratio_steady_wall"),
+        "ratio_steady_wall_min": min(r["ratio_steady_wall"] for r in runs),
+        "ratio_whole_job_wall": med("ratio_whole_job_wall"),
+        "ratio_cpu": med("ratio_cpu"),
+        "bare_forward_tokens_per_s": round(statistics.median(r["bare_forward_tokens_per_s"] for r in runs)),
+        "forward_plus_topk_tokens_per_s": round(tokens / topk_wall),
+        "runs": runs,
     }
 
 

@@ -4,8 +4,9 @@ Placement: with GPUs in the cluster each actor takes ``teacher.gpus_per_actor`` 
 actor per GPU group, or ``teacher.num_actors``); without, ``teacher.num_actors`` CPU actors
 (default one) share the cluster's CPUs, each running torch with that many threads.
 Faults: actors are created with unlimited restarts; when one dies mid-shard (OOM, segfault,
-a lost node) Ray restarts it (reloading the teacher) and the shard goes back to the front of
-the queue, up to ``cache.max_retries`` times per shard. The dead attempt left at most a
+a lost node) Ray restarts it (reloading the teacher) and its shards go back to the front of
+the queue, up to ``cache.max_retries`` times per shard. Each actor holds ``SHARDS_IN_FLIGHT``
+shards: one running the teacher, one finishing its writes. The dead attempt left at most a
 hidden temp file, never a visible shard. An exception raised by the shard code itself is a
 bug or bad input, not a fault: it stops the job at once with its message.
 The per-shard work is ``stages.cache.stage.CacheWorker.run_shard``, the same routine the
@@ -20,6 +21,7 @@ from typing import Any, Callable
 
 from pipeline.config import TeacherConfig
 from pipeline.errors import UserError
+from stages.cache.stage import SHARDS_IN_FLIGHT
 
 
 class _CacheActor:
@@ -62,7 +64,10 @@ class RayExecutor:
         with ray_session(self.address):
             n, per, device, threads = placement(ray.cluster_resources(), self.teacher, len(todo))
             Actor = ray.remote(_CacheActor)
-            actors = [Actor.options(**per, max_restarts=-1, max_task_retries=0).remote(job, device, threads)
+            # Two calls at once per actor (SHARDS_IN_FLIGHT): the next shard's forwards start
+            # while the previous shard finishes writing; the worker's teacher lock orders them.
+            actors = [Actor.options(**per, max_restarts=-1, max_task_retries=0,
+                                    max_concurrency=SHARDS_IN_FLIGHT).remote(job, device, threads)
                       for _ in range(n)]
             try:
                 self._wait_ready(actors)
@@ -85,7 +90,7 @@ class RayExecutor:
 
         queue = collections.deque(todo)
         attempts: collections.Counter[int] = collections.Counter()
-        idle = list(range(len(actors)))
+        idle = [a for _ in range(SHARDS_IN_FLIGHT) for a in range(len(actors))]  # one entry per free slot
         inflight: dict[Any, tuple[int, int]] = {}  # ref -> (actor, shard)
         while queue or inflight:
             while queue and idle:

@@ -150,6 +150,57 @@ def test_force_rebuilds_everything(built):
     assert verify_cache(out) == []
 
 
+def test_overlapping_shards_share_the_teacher_one_at_a_time(teacher, tmp_path, monkeypatch):
+    """A worker runs two shards at once (the next one's forwards during this one's tail):
+    forwards never overlap, tails really do overlap them, and the targets are exactly those
+    of one shard at a time."""
+    import threading
+    import time
+
+    from stages.cache import stage
+    from stages.cache.writer import CacheWriter
+    from stages.teacher import TeacherScorer
+
+    def targets(out):
+        return [(x["window_id"], x["ids"], x["logp"]) for x in ShardReader(out, dp_rank=0, dp_size=1, seed=0)]
+
+    monkeypatch.setattr(stage, "SHARDS_IN_FLIGHT", 1)
+    one_at_a_time = targets(run_cache(make_cfg(tmp_path / "seq", teacher), executor=LocalExecutor(), verbose=False))
+    monkeypatch.undo()
+
+    lock = threading.Lock()
+    seen = {"running": 0, "most": 0, "calls": 0, "during_close": 0}
+    hidden, close = TeacherScorer.hidden, CacheWriter.close
+
+    def counted_hidden(self, *a, **k):
+        with lock:
+            seen["running"] += 1
+            seen["calls"] += 1
+            seen["most"] = max(seen["most"], seen["running"])
+        try:
+            return hidden(self, *a, **k)
+        finally:
+            with lock:
+                seen["running"] -= 1
+
+    def slow_close(self):
+        before = seen["calls"]
+        time.sleep(0.3)  # a slow fsync: the next shard's forwards run meanwhile
+        seen["during_close"] += seen["calls"] > before
+        return close(self)
+
+    monkeypatch.setattr(TeacherScorer, "hidden", counted_hidden)
+    monkeypatch.setattr(CacheWriter, "close", slow_close)
+    out = run_cache(make_cfg(tmp_path / "overlap", teacher), executor=LocalExecutor(), verbose=False)
+    assert seen["most"] == 1  # the teacher lock held
+    assert seen["during_close"] >= 2  # forwards ran while other shards were closing
+    assert verify_cache(out) == []
+    got = targets(out)
+    assert [w for w, *_ in got] == [w for w, *_ in one_at_a_time]
+    for (_, ids, logp), (_, ref_ids, ref_logp) in zip(got, one_at_a_time):
+        assert torch.equal(ids, ref_ids) and torch.equal(logp, ref_logp)
+
+
 @pytest.mark.parametrize("codec", ["plain", "compact"])
 def test_sampled_cache_through_the_reader(teacher, tmp_path, codec):
     cfg = make_cfg(tmp_path, teacher, kind="sampled", samples=6, codec=codec)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -157,6 +158,7 @@ class Fault:
 
 
 _AHEAD = 2  # batches of teacher hidden states computed ahead of the top-k selection
+SHARDS_IN_FLIGHT = 2  # per worker: one computing its forwards, one finishing its tail
 
 
 class CacheWorker:
@@ -178,13 +180,14 @@ class CacheWorker:
                                     chunk_len=t.chunk_len, seed=job.seed)
         self.scorer.check_head()
         self.fault = Fault(job.fault, Path(job.cache_dir))
+        self._teacher = threading.Lock()
 
     def run_shard(self, index: int) -> dict[str, Any]:
         import torch
 
         job, c = self.job, self.job.cache_cfg
         spec = job.shards[index]
-        t0, cpu0 = time.monotonic(), time.process_time()
+        t0 = time.monotonic()
         codec = make_codec(c.codec, c.kind, job.vocab)
         writer = CacheWriter(Path(job.cache_dir) / shard_name(index), codec, job.fingerprint, index)
         wids, inputs, starts = read_window_range(job, spec["first_window"], spec["first_window"] + spec["rows"])
@@ -197,8 +200,9 @@ class CacheWorker:
         # group (a third). Torch ops, zstd and Parquet release the GIL, so on a CPU with a core
         # to spare the selection and I/O hide behind the forward; on a GPU they keep host work
         # off the device's critical path. At most ``_AHEAD`` batches of hidden states wait.
-        # A one-off bench/cache_overhead.py run with the selection inline was slower both on one
-        # torch thread and with every core on the forward.
+        # The teacher lock is held for the forwards only: an executor that runs two shards at
+        # once (``SHARDS_IN_FLIGHT``) starts the next shard's forwards while this one's last
+        # selection, write, fsync and rename finish, so the teacher never waits on a shard's tail.
         select_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-select")
         write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         in_flight: list[Future] = []
@@ -210,22 +214,23 @@ class CacheWorker:
             writer.write(wids[gs].tolist(), inputs[gs], starts[gs], cat("ids"), cat("logp"), cat("counts"))
 
         try:
-            for g in range(0, len(wids), c.windows_per_row_group):
-                gs = slice(g, min(len(wids), g + c.windows_per_row_group))
-                parts = []
-                for b in range(gs.start, gs.stop, batch):
-                    bs = slice(b, min(b + batch, gs.stop))
-                    hidden = self.scorer.hidden(torch.from_numpy(inputs[bs]).long(), starts[bs], job.mode)
-                    parts.append(select_pool.submit(self.scorer.select, hidden, wids[bs].tolist()))
-                    in_flight = [f for f in in_flight + [parts[-1]] if not f.done()]
-                    if len(in_flight) > _AHEAD:
-                        in_flight.pop(0).result()
-                if pending is not None:
-                    pending.result()
-                pending = write_pool.submit(write_group, gs, parts)
-                if g == 0 and self.fault.active:
-                    pending.result()  # the temp file holds a row group when the fault strikes
-                    self.fault.after_first_row_group(index)
+            with self._teacher:
+                for g in range(0, len(wids), c.windows_per_row_group):
+                    gs = slice(g, min(len(wids), g + c.windows_per_row_group))
+                    parts = []
+                    for b in range(gs.start, gs.stop, batch):
+                        bs = slice(b, min(b + batch, gs.stop))
+                        hidden = self.scorer.hidden(torch.from_numpy(inputs[bs]).long(), starts[bs], job.mode)
+                        parts.append(select_pool.submit(self.scorer.select, hidden, wids[bs].tolist()))
+                        in_flight = [f for f in in_flight + [parts[-1]] if not f.done()]
+                        if len(in_flight) > _AHEAD:
+                            in_flight.pop(0).result()
+                    if pending is not None:
+                        pending.result()
+                    pending = write_pool.submit(write_group, gs, parts)
+                    if g == 0 and self.fault.active:
+                        pending.result()  # the temp file holds a row group when the fault strikes
+                        self.fault.after_first_row_group(index)
             if pending is not None:
                 pending.result()
             size = writer.close()
@@ -238,11 +243,12 @@ class CacheWorker:
         finally:
             select_pool.shutdown(wait=True)
             write_pool.shutdown(wait=True)
-        # CPU seconds are the process's (all its threads); on a shared machine they are a steadier
-        # measure of cost than wall time. ``process_cpu_seconds`` includes start-up and teacher load.
+        # ``process_cpu_seconds`` is the process's CPU so far (all threads, start-up and teacher
+        # load included); the driver takes differences of it between shards, which stay
+        # correct when two shards overlap. On a shared machine CPU is a steadier measure of
+        # cost than wall time.
         return {"index": index, "rows": len(wids), "tokens": len(wids) * job.window_len, "bytes": size,
-                "seconds": time.monotonic() - t0, "cpu_seconds": time.process_time() - cpu0,
-                "process_cpu_seconds": time.process_time(), "pid": os.getpid()}
+                "seconds": time.monotonic() - t0, "process_cpu_seconds": time.process_time(), "pid": os.getpid()}
 
 
 # ----------------------------------------------------------------------------- executors
@@ -253,15 +259,26 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """Runs every shard in this process with one teacher replica (debugging, tests)."""
+    """Runs every shard in this process with one teacher replica (debugging, tests), overlapping
+    shards as a Ray actor does (``SHARDS_IN_FLIGHT``); ``on_done`` runs on the calling thread."""
 
     def __init__(self, device: str = "cpu"):
         self.device = device
 
     def run(self, job: CacheJob, todo: list[int], on_done: Callable[[dict[str, Any]], None]) -> None:
         worker = CacheWorker(job, self.device)
-        for i in todo:
-            on_done(worker.run_shard(i))
+        with ThreadPoolExecutor(max_workers=SHARDS_IN_FLIGHT, thread_name_prefix="shard") as pool:
+            futures = [pool.submit(worker.run_shard, i) for i in todo[:SHARDS_IN_FLIGHT]]
+            queue = list(todo[SHARDS_IN_FLIGHT:])
+            try:
+                while futures:
+                    result = futures.pop(0).result()
+                    if queue:
+                        futures.append(pool.submit(worker.run_shard, queue.pop(0)))
+                    on_done(result)
+            finally:
+                for f in futures:
+                    f.cancel()
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -387,20 +404,21 @@ def run_cache(cfg: Config, phase_index: int | None = None, address: str | None =
         t0 = time.monotonic()
         tokens = 0
         done_at: list[tuple[float, int]] = []  # (seconds since start, tokens) per finished shard
-        # Shard CPU seconds (all, and "steady": without each worker's first shard, which pays
-        # one-time warm-up), and the cumulative CPU of each worker process.
-        cpu: dict[str, Any] = {"shards": 0.0, "steady": 0.0, "steady_tokens": 0, "workers": {}}
+        # Each worker process's CPU seconds when its first shard finished and when its latest
+        # did: the difference is its "steady" CPU (after start-up, teacher load and warm-up),
+        # spent on the tokens of its shards after the first.
+        cpu: dict[str, Any] = {"first": {}, "last": {}, "steady_tokens": 0}
         progress = Progress("cache", len(todo), unit="shards", enabled=verbose)
         if todo:
             def on_done(result: dict[str, Any]) -> None:
                 nonlocal tokens
                 tokens += result["tokens"]
                 done_at.append((time.monotonic() - t0, result["tokens"]))
-                cpu["shards"] += result.get("cpu_seconds", 0.0)
-                if result.get("pid") in cpu["workers"]:
-                    cpu["steady"] += result.get("cpu_seconds", 0.0)
+                pid, used = result.get("pid"), result.get("process_cpu_seconds", 0.0)
+                if pid in cpu["first"]:
                     cpu["steady_tokens"] += result["tokens"]
-                cpu["workers"][result.get("pid")] = result.get("process_cpu_seconds", 0.0)
+                cpu["first"].setdefault(pid, used)
+                cpu["last"][pid] = used
                 progress.update(1, result["tokens"])
 
             (executor or _make_executor(cfg, address)).run(job, todo, on_done)
@@ -463,9 +481,9 @@ def _run_stats(tokens: int, seconds: float, done_at: list[tuple[float, int]], cp
     stats: dict[str, Any] = {"tokens": tokens, "seconds": seconds,
                              "tokens_per_s": tokens / seconds if seconds > 0 else None,
                              "first_shard_s": done_at[0][0] if done_at else None, "steady_tokens_per_s": None,
-                             "shard_cpu_seconds": cpu.get("shards"),
-                             "steady_shard_cpu_seconds": cpu.get("steady"), "steady_tokens": cpu.get("steady_tokens"),
-                             "worker_cpu_seconds": sum(cpu.get("workers", {}).values()) if cpu else None}
+                             "steady_cpu_seconds": sum(cpu["last"][p] - cpu["first"][p] for p in cpu["last"]) if cpu else None,
+                             "steady_tokens": cpu.get("steady_tokens"),
+                             "worker_cpu_seconds": sum(cpu["last"].values()) if cpu else None}
     if len(done_at) > 1 and done_at[-1][0] > done_at[0][0]:
         stats["steady_tokens_per_s"] = sum(t for _, t in done_at[1:]) / (done_at[-1][0] - done_at[0][0])
     return stats
