@@ -6,7 +6,7 @@ demo windows (1024 tokens, cross_doc, the demo's k = 16),
 for each CPU budget T in ``--threads`` (default: 1 and every core):
 
 * bare: ``model(**model_inputs(...)).logits`` over all windows in batches of ``teacher.batch_size``,
-  in this process with T torch threads;
+  with T torch threads, each pass in a fresh Python process (as each job's actor is one);
 * job: ``run_cache`` end to end on an embedded Ray of T CPUs, already up (as when attaching to
   a cluster): identity hashing, shard plan, actor start and teacher load, the teacher forward
   (T torch threads), the chunked top-k on a second thread, encoding and Parquet writes with
@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -77,6 +78,34 @@ def forward_and_topk(scorer, rows, batch: int) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def timed_pass(what: str, teacher: str, pack_dir: str, threads: int) -> tuple[float, float]:
+    """One timed pass over every window in a fresh Python process, as the job's actor is one:
+    a long-lived bench process would give every bare pass the same allocator and memory
+    layout (worth ±10 % on this tiny model), where each job's actor gets a new draw."""
+    spec = json.dumps({"what": what, "teacher": teacher, "pack_dir": pack_dir, "threads": threads})
+    res = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=True)
+    wall, cpu = json.loads(res.stdout.strip().splitlines()[-1])
+    return wall, cpu
+
+
+def child(spec: str) -> None:
+    from pipeline.config import TeacherConfig
+    from stages.pack import iter_windows
+    from stages.teacher import TeacherScorer, load_teacher
+
+    s = json.loads(spec)
+    torch.set_num_threads(s["threads"])
+    rows = list(iter_windows(Path(s["pack_dir"])))
+    model = load_teacher(TeacherConfig(model=s["teacher"]))
+    if s["what"] == "bare":
+        bare_forward(model, rows[:4], 4)  # warm-up
+        print(json.dumps(bare_forward(model, rows, 4)))
+    else:
+        scorer = TeacherScorer(model, kind="topk", k=K, samples=1, temperature=1.0, chunk_len=1024)
+        forward_and_topk(scorer, rows[:4], 4)
+        print(json.dumps(forward_and_topk(scorer, rows, 4)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", default=str(Path(__file__).resolve().parents[1] / "configs" / "teacher-tiny"))
@@ -86,10 +115,13 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=64, help="teacher width (64: demo size)")
     ap.add_argument("--layers", type=int, default=2, help="teacher depth (2: demo size)")
     ap.add_argument("--name", default="cache_overhead", help="results/<name>.json")
-    ap.add_argument("--repeats", type=int, default=3, help="jobs per CPU budget, each between two bare forwards")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--repeats", type=int, default=5, help="jobs per CPU budget, each between two bare forwards")
     ap.add_argument("--threads", type=int, nargs="+", default=None,
                     help="CPU budgets to compare at (default: 1 and every core); the first is the headline")
     args = ap.parse_args()
+    if args.child:
+        return child(args.child)
     import ray
 
     from cluster.local import start_local
@@ -98,7 +130,6 @@ def main() -> None:
     from stages.cache.manifest import read_manifest
     from stages.cache.stage import run_cache
     from stages.pack import iter_windows, pack_spec, run_pack
-    from stages.teacher import TeacherScorer, load_teacher
 
     budgets = args.threads or sorted({1, os.cpu_count() or 1})
     per_budget = {}
@@ -117,13 +148,10 @@ def main() -> None:
         pack = run_pack(cfg, pack_spec(cfg), verbose=False)
         rows = list(iter_windows(pack))
         tokens = len(rows) * L
-        model = load_teacher(cfg.teacher)
-        scorer = TeacherScorer(model, kind="topk", k=K, samples=1, temperature=1.0, chunk_len=cfg.teacher.chunk_len)
         for threads in budgets:
-            torch.set_num_threads(threads)
-            bare_forward(model, rows[:4], 4)  # warm-up
-            topk = [forward_and_topk(scorer, rows, 4)]
-            bares, runs = [bare_forward(model, rows, 4)], []
+            bare = lambda: timed_pass("bare", teacher, str(pack), threads)  # noqa: E731
+            topk = [timed_pass("topk", teacher, str(pack), threads)]
+            bares, runs = [bare()], []
             for r in range(args.repeats):  # bare, job, bare, job, ..., bare: each job between two bares
                 t0 = time.perf_counter()
                 start_local(num_cpus=threads)
@@ -134,13 +162,13 @@ def main() -> None:
                 wall, driver_cpu = time.perf_counter() - t0, time.process_time() - c0
                 manifest = read_manifest(out)
                 ray.shutdown()
-                bares.append(bare_forward(model, rows, 4))
+                bares.append(bare())
                 job = {"wall": wall, "driver_cpu": driver_cpu, "ray_start": ray_start, **manifest["last_run"],
                        "shards": len(manifest["shards"])}
                 runs.append(one_run(job, tokens, bares[-2], bares[-1]))
                 print(f"threads {threads}, run {r + 1}/{args.repeats}: steady ratio {runs[-1]['ratio_steady_wall']}",
                       flush=True)
-            topk.append(forward_and_topk(scorer, rows, 4))
+            topk.append(timed_pass("topk", teacher, str(pack), threads))
             per_budget[threads] = summary(runs, tokens, topk)
     head = per_budget[budgets[0]]
     result = {
