@@ -22,14 +22,13 @@ to its last: the actor is up) over wall tokens/s of the bare forward, both forwa
 torch thread (T = 1), the job's top-k and writing free to use the machine's other core: the
 shape of a GPU node, where the forward holds the device and host cores are otherwise idle.
 The same ratio with every core given to both (T = all) is reported next
-to it; on this 2-core machine the embedded Ray's own processes (raylet, GCS, dashboard) share
-those cores with the job and not with the bare forward. The whole job's ratio, which adds the
+to it: there the job's top-k and writing have no core of their own. The whole job's ratio, which adds the
 one-time actor start-up (interpreter, torch and transformers imports, teacher load: seconds,
 whatever the teacher's size), is reported with that start-up, as are tokens per CPU-second.
 
 Run: python bench/cache_overhead.py [--teacher DIR] [--windows 384] [--codec plain]
-     python bench/cache_overhead.py --random --name cache_overhead_random_w64   # 2 layers, head_dim 16
-     python bench/cache_overhead.py --random --hidden 512 --layers 4 --windows 48 --name cache_overhead_wide
+     python bench/cache_overhead.py --random --repeats 3 --name cache_overhead_random_w64   # 2 layers, head_dim 16
+     python bench/cache_overhead.py --random --hidden 512 --layers 4 --windows 48 --repeats 3 --name cache_overhead_wide
 """
 
 from __future__ import annotations
