@@ -15,7 +15,7 @@ for each CPU budget T in ``--threads`` (default: 1 and every core):
 ``--repeats`` jobs per budget alternate with bare forwards (bare, job, bare, job, ..., bare);
 each job is compared with the mean of the bare passes just before and after it, and the
 median over the repeats is reported, every run kept in the JSON (wall times on a shared
-machine swing by 10–20 % between identical passes).
+machine swing between identical passes: 9.5–12.2 s for the same windows in one run).
 
 Headline ``value``: wall tokens/s of the job in steady state (from its first finished shard
 to its last: the actor is up) over wall tokens/s of the bare forward, both forwards on one
@@ -79,8 +79,8 @@ def forward_and_topk(scorer, rows, batch: int) -> tuple[float, float]:
 
 def timed_pass(what: str, teacher: str, pack_dir: str, threads: int) -> tuple[float, float]:
     """One timed pass over every window in a fresh Python process, as the job's actor is one:
-    a long-lived bench process would give every bare pass the same allocator and memory
-    layout (worth ±10 % on this tiny model), where each job's actor gets a new draw."""
+    in a long-lived bench process every bare pass would share that one process's state
+    (allocator, memory layout, Ray driver threads left behind), where each job gets a new one."""
     spec = json.dumps({"what": what, "teacher": teacher, "pack_dir": pack_dir, "threads": threads})
     res = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=True)
     wall, cpu = json.loads(res.stdout.strip().splitlines()[-1])
@@ -100,7 +100,7 @@ def child(spec: str) -> None:
         bare_forward(model, rows[:4], 4)  # warm-up
         print(json.dumps(bare_forward(model, rows, 4)))
     else:
-        scorer = TeacherScorer(model, kind="topk", k=K, samples=1, temperature=1.0, chunk_len=1024)
+        scorer = TeacherScorer(model, kind="topk", k=K, samples=1, temperature=1.0, chunk_len=L)
         forward_and_topk(scorer, rows[:4], 4)
         print(json.dumps(forward_and_topk(scorer, rows, 4)))
 
