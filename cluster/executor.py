@@ -10,26 +10,54 @@ shards: one running the teacher, one finishing its writes. The dead attempt left
 hidden temp file, never a visible shard. An exception raised by the shard code itself is a
 bug or bad input, not a fault: it stops the job at once with its message.
 The per-shard work is ``stages.cache.stage.CacheWorker.run_shard``, the same routine the
-in-process ``LocalExecutor`` calls.
+in-process ``LocalExecutor`` calls. Both executors live here: stages never import Ray.
 """
 
 from __future__ import annotations
 
 import collections
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from pipeline.config import TeacherConfig
+from pipeline.config import CacheConfig, TeacherConfig
 from pipeline.errors import UserError
-from stages.cache.stage import SHARDS_IN_FLIGHT
+from stages.cache.stage import SHARDS_IN_FLIGHT, CacheJob, CacheWorker
+
+
+class LocalExecutor:
+    """Runs every shard in this process with one teacher replica (debugging, tests), overlapping
+    shards as a Ray actor does (``SHARDS_IN_FLIGHT``); ``on_done`` runs on the calling thread."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+
+    def run(self, job: CacheJob, todo: list[int], on_done: Callable[[dict[str, Any]], None]) -> None:
+        worker = CacheWorker(job, self.device)
+        with ThreadPoolExecutor(max_workers=SHARDS_IN_FLIGHT, thread_name_prefix="shard") as pool:
+            futures = [pool.submit(worker.run_shard, i) for i in todo[:SHARDS_IN_FLIGHT]]
+            queue = list(todo[SHARDS_IN_FLIGHT:])
+            try:
+                while futures:
+                    result = futures.pop(0).result()
+                    if queue:
+                        futures.append(pool.submit(worker.run_shard, queue.pop(0)))
+                    on_done(result)
+            finally:
+                for f in futures:
+                    f.cancel()
+
+
+def make_cache_executor(teacher: TeacherConfig, cache: CacheConfig, address: str | None) -> "RayExecutor":
+    """The Ray executor for ``address`` as ``cluster.local.resolve_address`` resolved it (None:
+    an embedded Ray on 127.0.0.1)."""
+    return RayExecutor(address=address, teacher=teacher, max_retries=cache.max_retries)
 
 
 class _CacheActor:
     """Ray actor body: one teacher replica."""
 
     def __init__(self, job: Any, device: str, threads: int | None):
-        from stages.cache.stage import CacheWorker
-
         self.worker = CacheWorker(job, device=device, threads=threads)
 
     def ready(self) -> bool:

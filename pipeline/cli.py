@@ -1,4 +1,5 @@
-"""The ``posdistill`` command line. Each command validates the config, then hands off to a stage.
+"""The ``posdistill`` command line. Each stage command validates the config and runs the run
+graph (``pipeline.graph``) up to that stage's nodes: what is done is reused, the rest computed.
 
 Imports of heavy libraries (torch, ray, deepspeed) happen inside commands so that
 ``--help`` and config errors answer instantly.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -15,6 +17,9 @@ from pipeline.config import load_config
 from pipeline.errors import UserError
 
 config_arg = click.argument("config", type=click.Path(dir_okay=False))
+student_opt = click.option("--student", default=None, help="Only this student (a students: name, or NAME-sSEED).")
+phase_opt = click.option("--phase", type=int, default=None,
+                         help="Only the nodes of each selected student's phases[N].")
 
 
 class DefaultGroup(click.Group):
@@ -47,8 +52,25 @@ def config() -> None:
 @config.command("show")
 @config_arg
 def config_show(config: str) -> None:
-    """Print the resolved config (every default filled in) as JSON."""
-    click.echo(load_config(config).to_json())
+    """Print the resolved config (every default filled in) as JSON, with each student as the
+    graph resolves it (``resolved_students``: run directory, parent, every phase's inherited
+    settings and whether it reads a teacher cache or packed windows)."""
+    import json
+
+    from pipeline.resolve import layout, train_specs
+    from stages.specs import spec_to_dict
+
+    cfg = load_config(config)
+    lay = layout(cfg)
+    out = cfg.resolved()
+    out["resolved_students"] = [{
+        "label": s.label, "run_dir": str(lay.run_dir(s)), "init_from": s.init_from, "seed": s.seed,
+        "batch_size": s.train.batch_size, "micro_batch": s.train.micro_batch,
+        "phases": [{"name": ph.name, "window_len": ph.window_len, "steps": ph.steps, "start": ph.start, "lr": ph.lr,
+                    "min_lr_ratio": ph.min_lr_ratio, "kd": spec_to_dict(ph.kd), "rope": spec_to_dict(ph.rope),
+                    "data": ph.data.source, "doc_len": list(ph.pack.pack.doc_len), "source": ph.source}
+                   for ph in s.phases]} for s in train_specs(cfg)]
+    click.echo(json.dumps(out, indent=2))
 
 
 # ----------------------------------------------------------------------------- pack
@@ -56,12 +78,13 @@ def config_show(config: str) -> None:
 
 @cli.command()
 @config_arg
-def pack(config: str) -> None:
-    """Pack short documents into windows of exactly pack.window_len tokens."""
-    from stages.pack import pack_spec, run_pack
+@student_opt
+@phase_opt
+def pack(config: str, student: str | None, phase: int | None) -> None:
+    """Pack short documents into windows: the top-level pack and every phase's windows."""
+    from pipeline.run import run_stage
 
-    cfg = load_config(config)
-    run_pack(cfg, pack_spec(cfg))
+    run_stage(load_config(config), "pack", student=student, phase=phase)
 
 
 # ----------------------------------------------------------------------------- cluster and jobs
@@ -184,10 +207,11 @@ def jobs_stop(submission_id: str, address: str | None) -> None:
               help="Output directory (default: teacher.model, else <run.out_dir>/teacher).")
 def bootstrap(config: str, out: str | None) -> None:
     """Train a tiny long-context teacher (teacher.bootstrap) and save it as an HF directory."""
+    from pipeline.resolve import bootstrap_dir, bootstrap_spec
     from stages.bootstrap import read_meta, run_bootstrap, summary_lines
 
     cfg = load_config(config)
-    final = run_bootstrap(cfg, out)
+    final = run_bootstrap(bootstrap_spec(cfg), Path(out) if out else bootstrap_dir(cfg))
     meta = read_meta(final)
     click.echo(f"teacher saved to {final} (train {meta['train_seconds']}s, "
                f"rope_theta {meta['rope_parameters']['rope_theta']:g})")
@@ -200,15 +224,29 @@ def bootstrap(config: str, out: str | None) -> None:
 
 @cli.command("eval")
 @config_arg
-@click.option("--model", "models", multiple=True, required=True, type=click.Path(file_okay=False),
-              help="A Hugging Face model directory; repeat to compare teacher and students.")
+@click.option("--model", "models", multiple=True, type=click.Path(file_okay=False),
+              help="A Hugging Face model directory; repeat to compare. Default: the teacher and every "
+              "student of the config (trained first if needed).")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="Output directory (default: <run.out_dir>/eval).")
+              help="Output directory for --model (default: <run.out_dir>/eval/models).")
 def eval_cmd(config: str, models: tuple[str, ...], out: str | None) -> None:
-    """Passkey / needle heatmaps, loss by position and a comparison table for each --model."""
-    from stages.evaluate.run import run_eval
+    """Passkey / needle heatmaps, loss by position and a comparison table."""
+    cfg = load_config(config)
+    if not models:
+        from pipeline.run import run_stage
 
-    run_eval(load_config(config), list(models), out)
+        run_stage(cfg, "eval")
+        return
+    from pipeline.resolve import eval_spec, layout
+    from stages.evaluate.run import run_eval
+    from stages.pack import run_pack
+
+    spec = eval_spec(cfg)
+    heldout = None
+    if spec.eval.loss_windows > 0:
+        hspec = spec.heldout_pack(spec.eval.loss_window_len or max(spec.eval.lengths))
+        heldout = run_pack(hspec, layout(cfg).pack_dir(hspec), verbose=False)
+    run_eval(spec, list(models), Path(out) if out else cfg.out_dir / "eval" / "models", heldout_dir=heldout)
 
 
 @cli.group()
@@ -223,24 +261,32 @@ def analyze() -> None:
               help="Output directory (default: <run.out_dir>/analyze/perturb-<model>).")
 def analyze_perturb(config: str, model: str, out: str | None) -> None:
     """Shift the positions queries/keys see by delta; trace hidden-state change and KL per layer."""
+    from pipeline.resolve import analyze_spec
     from stages.analyze.perturb import run_perturb
+    from stages.evaluate.report import safe_name
 
-    run_perturb(load_config(config), model, out)
+    cfg = load_config(config)
+    run_perturb(analyze_spec(cfg), model,
+                Path(out) if out else cfg.out_dir / "analyze" / f"perturb-{safe_name(Path(model).name)}")
 
 
 @analyze.command("query-spans")
 @click.option("--before", required=True, type=click.Path(file_okay=False), help="Model before extension.")
 @click.option("--after", required=True, type=click.Path(file_okay=False), help="Model after extension.")
 @click.option("--windows", default=None, help="Phase windows to mark, e.g. 256,1024 "
-              "(default: the config's train.phases, else both models' max_position_embeddings).")
+              "(default: analyze.query_spans.windows of --config, else both models' max_position_embeddings).")
 @click.option("--config", "config", default=None, type=click.Path(dir_okay=False),
-              help="Run config: output under <run.out_dir>/analyze/query_spans, windows from train.phases.")
+              help="Run config: output under <run.out_dir>/analyze/query_spans, its analyze.query_spans settings.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Output directory.")
 def analyze_query_spans(before: str, after: str, windows: str | None, config: str | None, out: str | None) -> None:
     """Relative update of W_q and W_k per layer, head and RoPE frequency pair."""
     from stages.analyze.query_spans import parse_windows, run_query_spans
 
-    run_query_spans(before, after, parse_windows(windows), load_config(config) if config else None, out)
+    cfg = load_config(config) if config else None
+    qs = cfg.analyze.query_spans if cfg else None
+    marks = parse_windows(windows) or (sorted(set(qs.windows)) if qs and qs.windows else None)
+    dest = Path(out) if out else (cfg.out_dir if cfg else Path(".")) / "analyze" / "query_spans"
+    run_query_spans(before, after, marks, qs.top if qs else 5, dest)
 
 
 @cli.command()
@@ -272,16 +318,19 @@ def cache() -> None:
 @config_arg
 @click.option("--address", default=None, help="Ray cluster to attach to (host:6379, ray://host:10001; default: "
               "the cluster this runs in, else cluster.address, else an embedded Ray on 127.0.0.1).")
-@click.option("--force", is_flag=True, help="Rebuild every shard.")
-@click.option("--phase", type=int, default=None, help="Cache the windows of train.phases[N] instead of pack.")
-def cache_run(config: str, address: str | None, force: bool, phase: int | None) -> None:
-    """Run the teacher over the packed windows (packs first if needed) into fingerprinted shards."""
-    from stages.cache.stage import run_cache
+@click.option("--force", is_flag=True, help="Rebuild every shard of the selected caches.")
+@student_opt
+@phase_opt
+def cache_run(config: str, address: str | None, force: bool, student: str | None, phase: int | None) -> None:
+    """The teacher over every KD phase's windows (packing first if needed), into fingerprinted
+    shards; a config without phases caches its top-level pack."""
+    from pipeline.run import run_stage
 
-    cfg = load_config(config)
-    if phase is not None and not 0 <= phase < len(cfg.train.phases):
-        raise UserError(f"--phase {phase}: the config has {len(cfg.train.phases)} train.phases")
-    click.echo(run_cache(cfg, phase_index=phase, address=address, force=force))
+    graph = run_stage(load_config(config), "cache", address=address, student=student, phase=phase,
+                      force_cache=force)
+    for n in graph.nodes:
+        if n.stage == "cache" and n.out is not None:
+            click.echo(n.out)
 
 
 @cache.command("verify")
@@ -320,15 +369,30 @@ def cache_info(cache_dir: str, as_json: bool) -> None:
 
 @cli.command()
 @config_arg
-@click.option("--resume", is_flag=True, help="Require a complete checkpoint to continue from (a plain re-run "
-              "also continues from the newest one).")
+@click.option("--address", default=None, help="Ray cluster for the cache shards and Ray Train "
+              "(default: as for `posdistill cache`).")
 @click.option("--workers", type=int, default=None, help="Ranks to start (default: train.workers).")
-def train(config: str, resume: bool, workers: int | None) -> None:
-    """Train the student phase by phase with DeepSpeed (KD from the teacher cache, or CE)."""
-    from stages.train.launch import run_training
+@click.option("--resume", is_flag=True, help="Fail unless every selected student still to train has a complete "
+              "checkpoint (a plain run continues from one anyway).")
+@student_opt
+def train(config: str, address: str | None, workers: int | None, resume: bool, student: str | None) -> None:
+    """Train every student (or --student) phase by phase with DeepSpeed, building the packs and
+    teacher caches it needs first. A run directory with a complete checkpoint continues from it."""
+    from pipeline.graph import build_graph, is_done
+    from pipeline.fingerprint import fingerprint
+    from stages.train.checkpoint import complete_tags
 
-    out = run_training(load_config(config), resume=resume, workers=workers)
-    click.echo(f"train: model in {out}")
+    graph = build_graph(load_config(config), address=address, workers=workers)
+    nodes = graph.select("train", student=student)
+    if resume:
+        for n in nodes:
+            if n.stage == "train" and not is_done(n, n.locate(), fingerprint(n.identity())) \
+                    and not complete_tags(n.locate() / "checkpoints"):
+                raise UserError(f"--resume: {n.name}: no complete checkpoint under {n.locate() / 'checkpoints'}")
+    graph.run(nodes)
+    for s in graph.students:
+        if student is None or student in (s.variant, s.label):
+            click.echo(f"train: {s.label} model in {graph.layout.model_dir(s)}")
 
 
 @cli.command()

@@ -94,6 +94,10 @@ def activation_bytes(arch: Arch, window: int, sp: int, micro_batch: int, tile: i
 
 
 def make_plan(cfg: Config, teacher_config: str | None = None, student_config: str | None = None) -> dict[str, Any]:
+    """Per student and phase: tokens, cache size, teacher and student GPU-hours, memory per GPU.
+    A cache shared by several students (same pack) is counted once, at its largest use."""
+    from pipeline.resolve import train_specs
+
     p = cfg.plan
     teacher_src = teacher_config or cfg.teacher.model
     if teacher_src is None:
@@ -109,47 +113,60 @@ def make_plan(cfg: Config, teacher_config: str | None = None, student_config: st
                        kv_heads=sc.num_key_value_heads or sc.num_attention_heads,
                        ffn=sc.intermediate_size or 4 * sc.hidden_size, vocab=teacher.vocab,
                        tied=sc.tie_word_embeddings, head_dim=sc.head_dim)
-    if not cfg.train.phases:
-        raise UserError("train.phases: plan needs at least one phase")
+    specs = train_specs(cfg)
+    if not specs:
+        raise UserError("train.phases: plan needs at least one phase (or students:)")
     bpe = _bytes_per_entry()
     peak = p.gpu_tflops * 1e12 * p.mfu
     gpu_bytes = p.gpu_memory_gb * 2**30
-    phases, cache_tokens, teacher_flops, student_flops = [], 0, 0.0, 0.0
-    for i, ph in enumerate(cfg.train.phases):
-        alpha = ph.kd.alpha if ph.kd and ph.kd.alpha is not None else cfg.train.kd.alpha
-        tokens = ph.steps * cfg.train.batch_size * ph.window_len
-        attn = lambda a: 2.0 * a.layers * a.hidden * ph.window_len  # per token, causal mean context
-        if alpha > 0:
-            cache_tokens += tokens
-            teacher_flops += tokens * (2.0 * teacher.params + attn(teacher))
-        student_flops += 3 * tokens * (2.0 * student.params + attn(student))
-        mem = {}
-        sp = cfg.train.sequence_parallel
-        act = activation_bytes(student, ph.window_len, sp, cfg.train.micro_batch, cfg.train.loss_tile,
-                               cfg.train.gradient_checkpointing)
-        for stage in (1, 2, 3):
-            parts = zero_memory(student.params, stage, p.num_gpus)
-            total = sum(parts.values()) + act
-            need = next((n for n in range(1, 4097) if sum(zero_memory(student.params, stage, n).values()) + act
-                         <= 0.9 * gpu_bytes), None)
-            mem[f"zero{stage}"] = {**{k: v / 2**30 for k, v in parts.items()}, "activations": act / 2**30,
-                                   "total_gb": total / 2**30, "fits": total <= 0.9 * gpu_bytes,
-                                   "min_gpus": (math.ceil(need / sp) * sp) if need else None}
-        phases.append({"phase": ph.name or f"phase{i}", "window_len": ph.window_len, "tokens": tokens,
-                       "kd": alpha > 0, "memory_per_gpu": mem})
+    caches: dict[str, tuple[int, float]] = {}  # pack -> (tokens, teacher FLOPs) at its largest use
+    students, all_phases, student_flops_total = [], [], 0.0
+    for spec in specs:
+        t = spec.train
+        phases, cache_tokens, student_flops = [], 0, 0.0
+        for ph in spec.phases:
+            tokens = ph.steps * t.batch_size * ph.window_len
+            attn = lambda a: 2.0 * a.layers * a.hidden * ph.window_len  # per token, causal mean context  # noqa: E731
+            if ph.cache is not None:
+                cache_tokens += tokens
+                key = json.dumps(ph.pack.describe(), sort_keys=True)
+                flops = tokens * (2.0 * teacher.params + attn(teacher))
+                if tokens > caches.get(key, (0, 0.0))[0]:
+                    caches[key] = (tokens, flops)
+            student_flops += 3 * tokens * (2.0 * student.params + attn(student))
+            mem = {}
+            sp = t.sequence_parallel
+            act = activation_bytes(student, ph.window_len, sp, t.micro_batch, t.loss_tile, t.gradient_checkpointing)
+            for stage in (1, 2, 3):
+                parts = zero_memory(student.params, stage, p.num_gpus)
+                total = sum(parts.values()) + act
+                need = next((n for n in range(1, 4097) if sum(zero_memory(student.params, stage, n).values()) + act
+                             <= 0.9 * gpu_bytes), None)
+                mem[f"zero{stage}"] = {**{k: v / 2**30 for k, v in parts.items()}, "activations": act / 2**30,
+                                       "total_gb": total / 2**30, "fits": total <= 0.9 * gpu_bytes,
+                                       "min_gpus": (math.ceil(need / sp) * sp) if need else None}
+            phases.append({"student": spec.label, "phase": ph.name, "window_len": ph.window_len, "tokens": tokens,
+                           "kd": ph.cache is not None, "memory_per_gpu": mem})
+        students.append({"student": spec.label, "cache_tokens": cache_tokens,
+                         "student_gpu_hours": student_flops / peak / 3600, "phases": phases})
+        all_phases += phases
+        student_flops_total += student_flops
+    cache_tokens = sum(tok for tok, _ in caches.values())
+    teacher_flops = sum(fl for _, fl in caches.values())
     entries = cache_tokens * (cfg.cache.k if cfg.cache.kind == "topk" else cfg.cache.samples)
     return {
         "teacher_params_b": teacher.params / 1e9, "student_params_b": student.params / 1e9,
-        "cache_tokens": cache_tokens,
+        "cache_tokens": cache_tokens, "caches": len(caches),
         "cache_bytes_gb": {c: entries * b / 1e9 for c, b in bpe.items()},
         "bytes_per_entry": bpe,
         "teacher_pflops": teacher_flops / 1e15, "teacher_gpu_hours": teacher_flops / peak / 3600,
-        "student_gpu_hours": student_flops / peak / 3600,
+        "student_gpu_hours": student_flops_total / peak / 3600,
         "assumptions": {"gpu_memory_gb": p.gpu_memory_gb, "gpu_tflops": p.gpu_tflops, "mfu": p.mfu,
                         "num_gpus": p.num_gpus, "sequence_parallel": cfg.train.sequence_parallel,
                         "gradient_checkpointing": cfg.train.gradient_checkpointing,
                         "usable_memory_fraction": 0.9},
-        "phases": phases,
+        "students": students,
+        "phases": all_phases,
     }
 
 
@@ -160,17 +177,18 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"assumed: {a['num_gpus']} GPUs x {a['gpu_memory_gb']} GB, {a['gpu_tflops']} TFLOP/s peak at "
         f"{a['mfu']:.0%} utilisation, sequence parallel {a['sequence_parallel']}, "
         f"gradient checkpointing {'on' if a['gradient_checkpointing'] else 'off'}",
-        f"cache: {plan['cache_tokens'] / 1e9:.2f}B tokens -> " + ", ".join(
+        f"cache: {plan['caches']} caches, {plan['cache_tokens'] / 1e9:.2f}B tokens -> " + ", ".join(
             f"{c} {gb:,.0f} GB ({plan['bytes_per_entry'][c]:.2f} B/entry)" for c, gb in plan["cache_bytes_gb"].items()),
         f"teacher forward: {plan['teacher_pflops']:,.0f} PFLOP = {plan['teacher_gpu_hours']:,.0f} GPU-hours",
-        f"student training: {plan['student_gpu_hours']:,.0f} GPU-hours",
+        f"student training: {plan['student_gpu_hours']:,.0f} GPU-hours, {len(plan['students'])} students: " + ", ".join(
+            f"{s['student']} {s['student_gpu_hours']:,.2f}" for s in plan["students"]),
         "",
-        "| phase | window | tokens | ZeRO | params GB | grads GB | optim GB | activ. GB | total GB/GPU | fits | min GPUs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| student | phase | window | tokens | ZeRO | params GB | grads GB | optim GB | activ. GB | total GB/GPU | fits | min GPUs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for ph in plan["phases"]:
         for z, m in ph["memory_per_gpu"].items():
-            lines.append(f"| {ph['phase']} | {ph['window_len']} | {ph['tokens'] / 1e9:.2f}B | {z[-1]} | "
+            lines.append(f"| {ph['student']} | {ph['phase']} | {ph['window_len']} | {ph['tokens'] / 1e9:.2f}B | {z[-1]} | "
                          f"{m['params']:.1f} | {m['grads']:.1f} | {m['optimizer']:.1f} | {m['activations']:.1f} | "
                          f"{m['total_gb']:.1f} | {'yes' if m['fits'] else 'no'} | {m['min_gpus']} |")
     return "\n".join(lines)

@@ -19,19 +19,19 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config
+from stages.specs import TrainSpec
 
 
 def _rel(path: Path, base: Path) -> str:
     return os.path.relpath(path, base)
 
 
-def _alpha(cfg: Config) -> float:
-    ph = cfg.train.phases[-1]
-    return ph.kd.alpha if ph.kd and ph.kd.alpha is not None else cfg.train.kd.alpha
+def _alpha(s: TrainSpec) -> float:
+    return s.phases[-1].kd.alpha
 
 
-def _theta(cfg: Config) -> Any:
-    return cfg.train.phases[-1].rope.theta
+def _theta(s: TrainSpec) -> Any:
+    return s.phases[-1].rope.theta
 
 
 def _long_score(entry: dict[str, Any], short_window: int, metric: str, task: str = "needle") -> float:
@@ -74,17 +74,17 @@ def _fmt(x: float, nd: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
-def _findings(cfg: Config, students: list[Any], results: dict[str, dict]) -> list[str]:
+def _findings(cfg: Config, students: list[TrainSpec], results: dict[str, dict]) -> list[str]:
     base = [s for s in students if s.init_from is None]
     ext = [s for s in students if s.init_from is not None]
     if not base or not ext:
         return ["The run has no pretrained-short student with extensions, so the paper's comparisons do not apply."]
-    short = max(p.window_len for p in base[0].cfg.train.phases)
-    base_theta = _theta(base[0].cfg)
+    short = max(p.window_len for p in base[0].phases)
+    base_theta = _theta(base[0])
     groups: dict[str, list[Any]] = {}
     for s in ext:
-        kd = _alpha(s.cfg) > 0
-        raised = _theta(s.cfg) != base_theta
+        kd = _alpha(s) > 0
+        raised = _theta(s) != base_theta
         role = {(True, True): "kd_raised", (False, True): "ce_raised", (True, False): "kd_kept"}.get((kd, raised))
         if role:
             groups.setdefault(role, []).append(s)
@@ -150,14 +150,13 @@ def _copy(src: Path, dst_dir: Path, name: str) -> Path | None:
     return dst_dir / name
 
 
-def write_report(cfg: Config, students: list[Any], models: dict[str, str], eval_dir: Path,
-                 analyses: dict[str, Any], summary: dict[str, Any]) -> Path:
+def write_report(graph: Any, models: dict[str, str], eval_dir: Path, analyses: dict[str, Any],
+                 summary: dict[str, Any]) -> Path:
     from stages.cache.info import cache_summary
-    from stages.cache.stage import cache_dir_for
     from stages.evaluate.report import safe_name
     from stages.train.metrics import read_metrics
-    from stages.train.plan import resolve_phases, run_dir
 
+    cfg, students = graph.cfg, graph.students
     out = cfg.out_dir
     fig = out / "report_figures"
     shutil.rmtree(fig, ignore_errors=True)
@@ -229,23 +228,17 @@ def write_report(cfg: Config, students: list[Any], models: dict[str, str], eval_
 
     lines += ["## Cache", "", "| cache | windows | tokens | k | kind | codec | bytes/token | bytes/entry |",
               "|---|---|---|---|---|---|---|---|"]
-    seen = set()
-    for s in students:
-        for p in resolve_phases(s.cfg):
-            if p.source != "cache":
-                continue
-            d = cache_dir_for(s.cfg, p.index)
-            if d in seen or not (d / "manifest.json").is_file():
-                continue
-            seen.add(d)
-            c = cache_summary(d)
-            lines.append(f"| {d.name} | {c['windows']} | {c['tokens']} | {c['k']} | {c['kind']} | {c['codec']} | "
-                         f"{c['bytes_per_token']:.2f} | {c['bytes_per_entry']:.3f} |")
+    for d in [n.out for n in graph.nodes if n.stage == "cache"]:
+        if d is None or not (d / "manifest.json").is_file():
+            continue
+        c = cache_summary(d)
+        lines.append(f"| {d.name} | {c['windows']} | {c['tokens']} | {c['k']} | {c['kind']} | {c['codec']} | "
+                     f"{c['bytes_per_token']:.2f} | {c['bytes_per_entry']:.3f} |")
     lines.append("")
 
     lines += ["## Training", "", "| student | steps | final loss | tokens/s |", "|---|---|---|---|"]
     for s in students:
-        m = read_metrics(run_dir(s.cfg))
+        m = read_metrics(graph.layout.run_dir(s))
         if m:
             tps = np.mean([r["tokens_per_s"] for r in m[-10:]])
             lines.append(f"| {s.label} | {len(m)} | {m[-1]['loss']:.4f} | {tps:,.0f} |")

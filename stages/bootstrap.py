@@ -35,11 +35,12 @@ from typing import Any, Callable, Iterator
 import torch
 
 from pipeline.atomic import atomic_dir, atomic_write_json
-from pipeline.config import BootstrapConfig, BootstrapPhase, BootstrapTaskMix, Config, SyntheticConfig
+from pipeline.config import BootstrapConfig, BootstrapPhase, BootstrapTaskMix, SyntheticConfig
 from pipeline.errors import UserError
-from pipeline.fingerprint import FORMAT_VERSION, fingerprint
+from pipeline.fingerprint import fingerprint
 from pipeline.progress import Progress
 from stages.corpus import synthetic_document
+from stages.specs import BootstrapSpec
 from stages.tokenizer import BYTE_SPECIALS, BYTE_VOCAB_SIZE, build_byte_tokenizer
 
 PAD_ID = 256 + BYTE_SPECIALS.index("<pad>")
@@ -480,10 +481,10 @@ def _phase_settings(boot: BootstrapConfig, phase: BootstrapPhase) -> dict[str, A
     }
 
 
-def train_teacher(cfg: Config, log: list[dict[str, Any]] | None = None, progress: bool = True,
+def train_teacher(spec: BootstrapSpec, log: list[dict[str, Any]] | None = None, progress: bool = True,
                   callback: Callable[[Any, int, int], None] | None = None) -> Any:
     """Train the teacher phase by phase; returns the model (config holds the last theta)."""
-    boot = cfg.teacher.bootstrap
+    boot = spec.boot
     assert boot is not None
     if boot.threads:
         torch.set_num_threads(boot.threads)
@@ -492,9 +493,9 @@ def train_teacher(cfg: Config, log: list[dict[str, Any]] | None = None, progress
     model = build_model(boot, boot.phases[0].rope_theta, max_window)
     opt = torch.optim.AdamW(model.parameters(), lr=boot.lr, weight_decay=boot.weight_decay,
                             betas=(0.9, 0.98))
-    syn = cfg.data.synthetic
+    syn = spec.synthetic
     data_alphabet = alphabet_ids("data", syn.alphabet)
-    docs = DocumentStream(syn, cfg.pack.doc_len, seed=boot.seed)
+    docs = DocumentStream(syn, spec.doc_len, seed=boot.seed)
     gen = torch.Generator().manual_seed(boot.seed)
     log = log if log is not None else []
     step_total = 0
@@ -558,52 +559,32 @@ def train_teacher(cfg: Config, log: list[dict[str, Any]] | None = None, progress
     return model
 
 
-def bootstrap_identity(cfg: Config) -> dict[str, Any]:
-    assert cfg.teacher.bootstrap is not None
-    return {
-        "bootstrap": cfg.teacher.bootstrap.model_dump(mode="json"),
-        "synthetic": cfg.data.synthetic.model_dump(mode="json"),
-        "doc_len": list(cfg.pack.doc_len),
-        "format": FORMAT_VERSION["bootstrap"],
-    }
-
-
-def bootstrap_out_dir(cfg: Config, out: str | None) -> Path:
-    if out:
-        return Path(out)
-    if cfg.teacher.model:
-        return Path(cfg.teacher.model)
-    return cfg.out_dir / "teacher"
-
-
-def run_bootstrap(cfg: Config, out: str | None = None, progress: bool = True) -> Path:
-    """Train, probe and save the teacher; the directory appears only when complete."""
-    boot = cfg.teacher.bootstrap
-    if boot is None:
-        raise UserError("teacher.bootstrap: missing (the bootstrap command needs its phases)")
-    if cfg.data.tokenizer != "byte":
+def run_bootstrap(spec: BootstrapSpec, out: str | Path, progress: bool = True) -> Path:
+    """Train, probe and save the teacher into ``out``; the directory appears only when complete."""
+    boot = spec.boot
+    if spec.tokenizer != "byte":
         raise UserError("data.tokenizer: the bootstrapped teacher uses the byte tokenizer; "
-                        f"got '{cfg.data.tokenizer}'")
-    final = bootstrap_out_dir(cfg, out)
+                        f"got '{spec.tokenizer}'")
+    final = Path(out)
     t0 = time.monotonic()
     log: list[dict[str, Any]] = []
-    model = train_teacher(cfg, log, progress=progress)
+    model = train_teacher(spec, log, progress=progress)
     train_s = time.monotonic() - t0
     t1 = time.monotonic()
-    probe = needle_probe(model, cfg.data.synthetic, cfg.pack.doc_len, boot.probe.lengths,
+    probe = needle_probe(model, spec.synthetic, spec.doc_len, boot.probe.lengths,
                          boot.probe.depths, boot.probe.trials, boot.probe.seed)
     passkey = passkey_probe(model, boot.probe.lengths, boot.probe.depths, boot.probe.trials,
                             boot.probe.seed)
-    documents = document_loss(model, cfg.data.synthetic, cfg.pack.doc_len,
+    documents = document_loss(model, spec.synthetic, spec.doc_len,
                               max(p.window_len for p in boot.phases))
     probe_s = time.monotonic() - t1
     trained_max = max(max(_phase_settings(boot, p)["max_period"], _phase_settings(boot, p)["max_distance"])
                       for p in boot.phases)
     meta = {
-        "fingerprint": fingerprint(bootstrap_identity(cfg)),
-        "config": cfg.teacher.bootstrap.model_dump(mode="json"),
-        "synthetic": cfg.data.synthetic.model_dump(mode="json"),
-        "doc_len": list(cfg.pack.doc_len),
+        "fingerprint": fingerprint(spec.identity()),
+        "config": boot.model_dump(mode="json"),
+        "synthetic": spec.synthetic.model_dump(mode="json"),
+        "doc_len": list(spec.doc_len),
         "rope_parameters": dict(model.config.rope_parameters),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": round(train_s, 1),

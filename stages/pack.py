@@ -25,12 +25,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_dir
-from pipeline.config import Config, DataConfig, PackConfig
 from pipeline.errors import UserError
-from pipeline.fingerprint import FORMAT_VERSION, fingerprint
 from pipeline.progress import Progress, human
-from stages.corpus import iter_documents, periodic_documents, source_identity
-from stages.tokenizer import load_tokenizer, tokenizer_identity
+from stages.corpus import iter_documents, periodic_documents
+from stages.specs import PackSpec
+from stages.tokenizer import load_tokenizer
 
 SCHEMA = pa.schema([
     ("window_id", pa.int64()),
@@ -39,51 +38,6 @@ SCHEMA = pa.schema([
 ])
 META_FILE = "pack.json"
 _TOKENIZE_BATCH = 256
-
-
-@dataclass(frozen=True)
-class PackSpec:
-    """Everything that determines a set of packed windows."""
-
-    data: DataConfig
-    pack: PackConfig
-    seed: int
-
-    def identity(self) -> dict:
-        return {
-            "data": source_identity(self.data),
-            "tokenizer": tokenizer_identity(self.data.tokenizer),
-            "pack": self.pack.model_dump(mode="json"),
-            "seed": self.seed,
-            "format": FORMAT_VERSION["pack"],
-        }
-
-    def fingerprint(self) -> str:
-        return fingerprint(self.identity())
-
-
-def pack_spec(cfg: Config, phase_index: int | None = None) -> PackSpec:
-    """The pack of the top-level config, or of one training phase (its window and data)."""
-    pack, data = cfg.pack, cfg.data
-    if phase_index is not None:
-        phase = cfg.train.phases[phase_index]
-        pack = pack.model_copy(update={"window_len": phase.window_len, "doc_len": phase.doc_len or pack.doc_len})
-        data = phase.data or data
-    return PackSpec(data=data, pack=pack, seed=cfg.run.seed)
-
-
-def pack_dir(cfg: Config, spec: PackSpec) -> Path:
-    return cfg.out_dir / "pack" / spec.fingerprint()
-
-
-def position_ids(doc_starts: np.ndarray | list[int], window_len: int, mode: str) -> np.ndarray:
-    """Position ids a model sees for one window: 0..L-1, or restarting per document."""
-    pos = np.arange(window_len, dtype=np.int64)
-    if mode == "cross_doc":
-        return pos
-    starts = np.asarray(doc_starts, dtype=np.int64)
-    seg = np.searchsorted(starts, pos, side="right") - 1
-    return pos - starts[seg]
 
 
 def is_complete(out: Path) -> bool:
@@ -253,12 +207,9 @@ def write_windows(spec: PackSpec, out: Path, progress: Progress) -> PackStats:
     return stats
 
 
-def run_pack(cfg: Config, spec: PackSpec, verbose: bool = True) -> Path:
-    """Pack (or reuse) the windows of ``spec``; returns the output directory."""
-    out = pack_dir(cfg, spec)
+def run_pack(spec: PackSpec, out: Path, verbose: bool = True) -> Path:
+    """Pack the windows of ``spec`` into ``out`` (which appears only when complete)."""
     if is_complete(out):
-        if verbose:
-            print(f"pack: reusing {out} ({read_meta(out)['stats']['windows']} windows)")
         return out
     progress = Progress("pack", None, unit="docs", enabled=verbose)
     with atomic_dir(out) as tmp:
@@ -272,19 +223,9 @@ def run_pack(cfg: Config, spec: PackSpec, verbose: bool = True) -> Path:
         (tmp / META_FILE).write_text(json.dumps({
             "fingerprint": spec.fingerprint(),
             "identity": spec.identity(),
-            "spec": {"data": spec.data.model_dump(mode="json"), "pack": spec.pack.model_dump(mode="json"),
-                     "seed": spec.seed},
+            "spec": spec.describe(),
             "stats": asdict(stats),
         }, indent=2))
     if verbose:
         print(stats.summary())
-        print(f"pack: wrote {out}")
     return out
-
-
-def iter_windows(out: Path) -> Iterator[dict]:
-    """Rows of a packed-window directory, in window_id order."""
-    for path in window_files(out):
-        pf = pq.ParquetFile(path)
-        for batch in pf.iter_batches(batch_size=64):
-            yield from batch.to_pylist()

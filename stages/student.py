@@ -10,22 +10,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config
 from pipeline.errors import UserError
+from stages.specs import TrainSpec
 
 
-def teacher_vocab_size(cfg: Config) -> tuple[int, str]:
+def teacher_vocab_size(spec: TrainSpec) -> tuple[int, str]:
     """The teacher's output vocabulary and where it came from (for error messages)."""
-    if cfg.teacher.model:
-        path = Path(cfg.teacher.model) / "config.json"
+    if spec.teacher_model:
+        path = Path(spec.teacher_model) / "config.json"
         if path.is_file():
             raw = json.loads(path.read_text())
             raw = raw.get("text_config", raw) if "vocab_size" not in raw else raw
             if "vocab_size" in raw:
-                return int(raw["vocab_size"]), f"teacher.model {cfg.teacher.model}"
+                return int(raw["vocab_size"]), f"teacher.model {spec.teacher_model}"
     from stages.tokenizer import load_tokenizer
 
-    return len(load_tokenizer(cfg.data.tokenizer)), f"data.tokenizer '{cfg.data.tokenizer}'"
+    return len(load_tokenizer(spec.tokenizer)), f"data.tokenizer '{spec.tokenizer}'"
 
 
 def student_vocab_size(model_config: Any) -> int:
@@ -33,16 +33,16 @@ def student_vocab_size(model_config: Any) -> int:
     return int(text.vocab_size)
 
 
-def check_vocab(student_vocab: int, cfg: Config, where: str) -> None:
-    teacher_vocab, source = teacher_vocab_size(cfg)
+def check_vocab(student_vocab: int, spec: TrainSpec, where: str) -> None:
+    teacher_vocab, source = teacher_vocab_size(spec)
     if student_vocab != teacher_vocab:
         raise UserError(f"{where}: the student's vocabulary has {student_vocab} tokens but the teacher's "
                         f"({source}) has {teacher_vocab}; KD targets are teacher token ids, so they must match")
 
 
-def student_config(cfg: Config) -> tuple[Any, bool]:
+def student_config(spec: TrainSpec) -> tuple[Any, bool]:
     """(transformers config, fresh) without building weights: ``fresh`` = built from student.config."""
-    scfg = cfg.student
+    scfg = spec.student
     if scfg is None:
         raise UserError("student: missing section (give student.init or student.config)")
     if scfg.init is not None:
@@ -56,16 +56,16 @@ def student_config(cfg: Config) -> tuple[Any, bool]:
                                               trust_remote_code=scfg.trust_remote_code)
         except (OSError, ValueError) as err:
             raise UserError(f"student.init: cannot read '{scfg.init}': {str(err).splitlines()[0][:300]}") from None
-        check_vocab(student_vocab_size(mcfg), cfg, f"student.init ({scfg.init})")
+        check_vocab(student_vocab_size(mcfg), spec, f"student.init ({scfg.init})")
         return mcfg, False
     from transformers import LlamaConfig
 
     from stages.tokenizer import load_tokenizer
 
     arch = scfg.config
-    vocab, _ = teacher_vocab_size(cfg)
-    tok = load_tokenizer(cfg.data.tokenizer)
-    first_window = cfg.train.phases[0].window_len if cfg.train.phases else cfg.pack.window_len
+    vocab, _ = teacher_vocab_size(spec)
+    tok = load_tokenizer(spec.tokenizer)
+    first_window = spec.phases[0].window_len
     mcfg = LlamaConfig(
         vocab_size=vocab,
         hidden_size=arch.hidden_size,
@@ -82,24 +82,25 @@ def student_config(cfg: Config) -> tuple[Any, bool]:
     return mcfg, True
 
 
-def build_student(cfg: Config, model_config: Any | None = None) -> tuple[Any, bool]:
-    """(model in float32, fresh). A fresh student is initialised from ``train.seed`` (default ``run.seed``)."""
+def build_student(spec: TrainSpec, model_config: Any | None = None) -> tuple[Any, bool]:
+    """(model in float32, fresh). A fresh student is initialised from the spec's seed."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    mcfg, fresh = (model_config, cfg.student.init is None) if model_config is not None else student_config(cfg)
-    attn = cfg.student.attn_implementation
+    scfg = spec.student
+    mcfg, fresh = (model_config, scfg.init is None) if model_config is not None else student_config(spec)
+    attn = scfg.attn_implementation
     if fresh:
-        torch.manual_seed(cfg.train_seed)
+        torch.manual_seed(spec.seed)
         mcfg._attn_implementation = attn
         model = AutoModelForCausalLM.from_config(mcfg, dtype=torch.float32, attn_implementation=attn)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                cfg.student.init, dtype=torch.float32, local_files_only=True, attn_implementation=attn,
-                trust_remote_code=cfg.student.trust_remote_code)
+                scfg.init, dtype=torch.float32, local_files_only=True, attn_implementation=attn,
+                trust_remote_code=scfg.trust_remote_code)
         except (OSError, ValueError) as err:
-            raise UserError(f"student.init: cannot load '{cfg.student.init}': "
+            raise UserError(f"student.init: cannot load '{scfg.init}': "
                             f"{str(err).splitlines()[0][:300]}") from None
     model.config.use_cache = False
     if not hasattr(model, "model") or not hasattr(model.model, "rotary_emb"):

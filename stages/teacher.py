@@ -18,7 +18,7 @@ import torch
 from pipeline.config import TeacherConfig
 from pipeline.errors import UserError
 from pipeline.fingerprint import dir_identity
-from stages.pack import position_ids
+from stages.windows import position_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Files whose content decides the teacher's numbers (weights, architecture, RoPE parameters,

@@ -36,13 +36,13 @@ import numpy as np
 import torch
 
 from pipeline.atomic import atomic_dir
-from pipeline.config import Config, PerturbConfig
+from pipeline.config import PerturbConfig
 from pipeline.errors import UserError
 from pipeline.progress import Progress
 from stages.analyze.rope import head_dim_of, rotate_pairs
 from stages.evaluate.models import LoadedModel, load_model, model_device, split_model
-from stages.evaluate.report import safe_name
 from stages.evaluate.tasks import Haystack
+from stages.specs import AnalyzeSpec, EvalSpec, spec_to_dict
 
 PERTURB_JSON = "perturb.json"
 
@@ -50,9 +50,9 @@ PERTURB_JSON = "perturb.json"
 # ----------------------------------------------------------------------------- probe windows
 
 
-def token_pool(cfg: Config, tok: Any, seed: int) -> np.ndarray:
+def token_pool(ev: EvalSpec, tok: Any) -> np.ndarray:
     """Token ids seen in held-out documents (specials excluded): random sequences stay in-distribution."""
-    hay = Haystack(cfg.eval.data or cfg.data, tok, cfg.pack.doc_len, seed, min_tokens=1 << 16)
+    hay = Haystack(ev.data, tok, ev.pack.doc_len, ev.heldout_seed, min_tokens=1 << 16)
     special = set(getattr(tok, "all_special_ids", []) or [])
     pool = np.array(sorted(set(np.unique(hay.tokens).tolist()) - special), dtype=np.int64)
     if len(pool) < 2:
@@ -183,17 +183,18 @@ def compare(model: Any, clean: list[torch.Tensor], pert: list[torch.Tensor], cop
     return out
 
 
-def run_probe(lm: LoadedModel, cfg: Config, pc: PerturbConfig | None = None, verbose: bool = True) -> dict[str, Any]:
+def run_probe(lm: LoadedModel, spec: AnalyzeSpec, pc: PerturbConfig | None = None,
+              verbose: bool = True) -> dict[str, Any]:
     """All deltas on all probe windows; numbers per delta and layer (means over positions)."""
-    pc = pc or cfg.analyze.perturb
+    pc = pc or spec.analyze.perturb
     model = lm.model
     body, _ = _check_model(model)
     n_layers = len(body.layers)
     if pc.layers is not None and any(not 0 <= i < n_layers for i in pc.layers):
         raise UserError(f"analyze.perturb.layers: {pc.layers} out of range for a model with {n_layers} layers")
-    window_len = pc.window_len or cfg.pack.window_len
-    seed = (cfg.eval.heldout_seed if cfg.eval.heldout_seed is not None else cfg.run.seed + 1)
-    pool = token_pool(cfg, lm.tokenizer, seed)
+    window_len = pc.window_len or spec.window_len
+    seed = spec.eval.heldout_seed
+    pool = token_pool(spec.eval, lm.tokenizer)
     rng = random.Random(f"{seed}-perturb")
     dev = model_device(model)
     sums: dict[int, dict[str, np.ndarray]] = {}
@@ -209,7 +210,7 @@ def run_probe(lm: LoadedModel, cfg: Config, pc: PerturbConfig | None = None, ver
         for delta in pc.deltas:
             with perturbed(model, pc.target, delta, pc.layers):
                 pert = trace(model, ids, positions(window_len, pc.target, delta))
-            res = compare(model, clean, pert, copy, ids, pc.logit_lens, cfg.eval.tile)
+            res = compare(model, clean, pert, copy, ids, pc.logit_lens, spec.eval.eval.tile)
             acc = sums.setdefault(delta, {})
             for k, v in res.items():
                 acc[k] = acc.get(k, 0) + np.asarray(v, dtype=np.float64)
@@ -293,17 +294,17 @@ def save_plots(res: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
-def run_perturb(cfg: Config, model: str | LoadedModel, out: str | Path | None = None, verbose: bool = True) -> Path:
+def run_perturb(spec: AnalyzeSpec, model: str, out: str | Path, verbose: bool = True) -> Path:
     """``posdistill analyze perturb``: writes perturb.json, perturb.png, perturb_by_delta.png."""
     t0 = time.monotonic()
-    lm = model if isinstance(model, LoadedModel) else load_model(
-        model, cfg.eval.dtype, cfg.eval.device, (cfg.eval.data or cfg.data).tokenizer)
-    res = run_probe(lm, cfg, verbose=verbose)
+    ev = spec.eval
+    lm = load_model(model, ev.eval.dtype, ev.eval.device, ev.tokenizer)
+    res = run_probe(lm, spec, verbose=verbose)
     res["seconds"] = round(time.monotonic() - t0, 2)
-    out = Path(out) if out is not None else cfg.out_dir / "analyze" / f"perturb-{safe_name(lm.name)}"
+    out = Path(out)
     with atomic_dir(out) as tmp:
         (tmp / PERTURB_JSON).write_text(json.dumps(res, indent=2) + "\n")
-        (tmp / "config.json").write_text(cfg.to_json() + "\n")
+        (tmp / "spec.json").write_text(json.dumps(spec_to_dict(spec), indent=2) + "\n")
         save_plots(res, tmp)
     if verbose:
         last = res["deltas"]

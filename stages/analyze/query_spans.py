@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from pipeline.atomic import atomic_dir
-from pipeline.config import Config
 from pipeline.errors import UserError
 from stages.analyze.rope import head_dim_of, inv_freq_of, wavelengths
 
@@ -208,28 +207,20 @@ def save_plot(res: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def default_windows(cfg: Config | None, before: str | Path, after: str | Path) -> list[int]:
-    if cfg is not None and cfg.analyze.query_spans.windows:
-        return sorted(set(cfg.analyze.query_spans.windows))
-    if cfg is not None and cfg.train.phases:
-        return sorted({p.window_len for p in cfg.train.phases})
+def default_windows(before: str | Path, after: str | Path) -> list[int]:
+    """Both models' max_position_embeddings: the windows they were last trained at."""
     return sorted({int(getattr(load_config_of(p), "max_position_embeddings", 0) or 0)
                    for p in (before, after)} - {0})
 
 
-def run_query_spans(before: str, after: str, windows: list[int] | None = None, cfg: Config | None = None,
-                    out: str | Path | None = None, verbose: bool = True) -> Path:
+def run_query_spans(before: str, after: str, windows: list[int] | None, top: int, out: str | Path,
+                    verbose: bool = True) -> Path:
     """``posdistill analyze query-spans``: writes query_spans.json and query_spans.png."""
-    windows = windows or default_windows(cfg, before, after)
-    top = cfg.analyze.query_spans.top if cfg is not None else 5
+    windows = windows or default_windows(before, after)
     res = analyze_spans(before, after, windows, top)
-    if out is None:
-        out = (cfg.out_dir if cfg is not None else Path(".")) / "analyze" / "query_spans"
     out = Path(out)
     with atomic_dir(out) as tmp:
         (tmp / SPANS_JSON).write_text(json.dumps(res, indent=2) + "\n")
-        if cfg is not None:
-            (tmp / "config.json").write_text(cfg.to_json() + "\n")
         save_plot(res, tmp / "query_spans.png")
     if verbose:
         for proj in ("q", "k"):

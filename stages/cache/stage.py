@@ -3,8 +3,9 @@
 The work is a fixed shard plan (shard i = windows [i*W, (i+1)*W)). ``CacheWorker.run_shard``
 is the one per-shard routine every executor calls (Ray actors in ``cluster.executor``, or
 the in-process ``LocalExecutor`` for debugging); it knows nothing about Ray. ``run_cache``
-is the driver: it packs if needed, skips shards that are already valid, hands the rest to
-an executor and writes ``manifest.json`` last.
+is the driver: given the cache spec, the packed windows and the output directory, it skips
+shards that are already valid, hands the rest to the executor it is given (``cluster/``
+owns them) and writes ``manifest.json`` last.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_write_json
-from pipeline.config import CacheConfig, Config, TeacherConfig
+from pipeline.config import CacheConfig, TeacherConfig
 from pipeline.errors import UserError
 from pipeline.fingerprint import FORMAT_VERSION, fingerprint
 from pipeline.progress import Progress, human
@@ -32,41 +32,8 @@ from stages.cache.manifest import (CONFIG_FILE, MANIFEST_FILE, PLAN_FILE, is_com
                                    write_manifest, write_plan)
 from stages.cache.verify import check_shard
 from stages.cache.writer import TEMP_GLOB, CacheWriter, shard_name
-
-FAULT_ENV = "POSDISTILL_FAULT"
-
-
-# ----------------------------------------------------------------------------- identity
-
-
-def cache_identity(cfg: Config, phase_index: int | None = None) -> dict[str, Any]:
-    """Everything that changes the cached numbers; its hash names the cache directory."""
-    from stages.pack import pack_spec
-    from stages.teacher import teacher_identity
-    from stages.tokenizer import tokenizer_identity
-
-    spec = pack_spec(cfg, phase_index)
-    c = cfg.cache
-    return {
-        "teacher": teacher_identity(cfg.teacher),
-        "tokenizer": tokenizer_identity(spec.data.tokenizer),
-        "pack": spec.fingerprint(),
-        "window_len": spec.pack.window_len,
-        "attention": spec.pack.mode,
-        "kind": c.kind,
-        "k": c.k if c.kind == "topk" else None,
-        "samples": c.samples if c.kind == "sampled" else None,
-        "sample_seed": cfg.run.seed if c.kind == "sampled" else None,
-        "temperature": c.temperature,
-        "codec": c.codec,
-        "format": FORMAT_VERSION["cache"],
-    }
-
-
-def cache_dir_for(cfg: Config, phase_index: int | None = None) -> Path:
-    """Where the cache for the top-level pack (or one phase's pack) lives: <root>/<fingerprint>."""
-    return cfg.cache_root / fingerprint(cache_identity(cfg, phase_index))
-
+from stages.specs import CacheSpec, spec_to_dict
+from stages.windows import PackedWindows
 
 # ----------------------------------------------------------------------------- the job
 
@@ -86,7 +53,6 @@ class CacheJob:
     seed: int
     vocab: int
     shards: list[dict[str, int]]
-    fault: str | None = None
 
     @property
     def teacher_cfg(self) -> TeacherConfig:
@@ -99,62 +65,6 @@ class CacheJob:
     def width(self) -> int:
         c = self.cache_cfg
         return min(c.k if c.kind == "topk" else c.samples, self.vocab)
-
-
-def read_window_range(job: CacheJob, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
-    """Windows [start, stop) from the packed-window files: window ids [n], input_ids int32 [n, L]
-    and doc_starts, read column-wise (no per-token Python objects)."""
-    from stages.cache.codec import flat_values
-
-    wids, inputs, starts = [], [], []
-    for name, first, rows in job.pack_files:
-        if first + rows <= start or first >= stop:
-            continue
-        pf = pq.ParquetFile(Path(job.pack_dir) / name)
-        offset = first
-        for g in range(pf.metadata.num_row_groups):
-            n = pf.metadata.row_group(g).num_rows
-            lo, hi = max(start, offset), min(stop, offset + n)
-            if lo < hi:
-                table = pf.read_row_group(g).slice(lo - offset, hi - lo)
-                wids.append(table.column("window_id").to_numpy())
-                inputs.append(np.asarray(flat_values(table.column("input_ids")), dtype=np.int32).reshape(hi - lo, -1))
-                starts += table.column("doc_starts").to_pylist()
-            offset += n
-    if not wids:
-        return np.zeros(0, np.int64), np.zeros((0, job.window_len), np.int32), []
-    return np.concatenate(wids), np.concatenate(inputs), starts
-
-
-class Fault:
-    """Test-only fault injection from ``POSDISTILL_FAULT`` (comma-separated):
-    ``crash_once:<shard>`` kills the worker process mid-shard the first time that shard runs
-    (a marker file in the cache dir remembers it); ``sleep:<seconds>`` slows every shard."""
-
-    def __init__(self, spec: str | None, cache_dir: Path):
-        self.crash: set[int] = set()
-        self.sleep = 0.0
-        self.cache_dir = cache_dir
-        for part in filter(None, (spec or "").split(",")):
-            kind, _, arg = part.partition(":")
-            if kind == "crash_once":
-                self.crash.add(int(arg))
-            elif kind == "sleep":
-                self.sleep = float(arg)
-            else:
-                raise UserError(f"{FAULT_ENV}: unknown fault '{part}'")
-
-    @property
-    def active(self) -> bool:
-        return bool(self.crash or self.sleep)
-
-    def after_first_row_group(self, index: int) -> None:
-        if self.sleep:
-            time.sleep(self.sleep)
-        marker = self.cache_dir / f".fault-crashed-{index}"
-        if index in self.crash and not marker.exists():
-            marker.touch()
-            os._exit(1)
 
 
 _AHEAD = 2  # batches of teacher hidden states computed ahead of the top-k selection
@@ -179,7 +89,7 @@ class CacheWorker:
         self.scorer = TeacherScorer(self.model, kind=c.kind, k=c.k, samples=c.samples, temperature=c.temperature,
                                     chunk_len=t.chunk_len, seed=job.seed)
         self.scorer.check_head()
-        self.fault = Fault(job.fault, Path(job.cache_dir))
+        self.windows = PackedWindows(job.pack_dir)
         self._teacher = threading.Lock()
 
     def run_shard(self, index: int) -> dict[str, Any]:
@@ -190,7 +100,7 @@ class CacheWorker:
         t0 = time.monotonic()
         codec = make_codec(c.codec, c.kind, job.vocab)
         writer = CacheWriter(Path(job.cache_dir) / shard_name(index), codec, job.fingerprint, index)
-        wids, inputs, starts = read_window_range(job, spec["first_window"], spec["first_window"] + spec["rows"])
+        wids, inputs, starts = self.windows.read_range(spec["first_window"], spec["first_window"] + spec["rows"])
         if len(wids) != spec["rows"] or (len(wids) and wids[0] != spec["first_window"]):
             raise UserError(f"{job.pack_dir}: expected {spec['rows']} windows from {spec['first_window']}, "
                             f"found {len(wids)}")
@@ -228,9 +138,6 @@ class CacheWorker:
                     if pending is not None:
                         pending.result()
                     pending = write_pool.submit(write_group, gs, parts)
-                    if g == 0 and self.fault.active:
-                        pending.result()  # the temp file holds a row group when the fault strikes
-                        self.fault.after_first_row_group(index)
             if pending is not None:
                 pending.result()
             size = writer.close()
@@ -255,30 +162,9 @@ class CacheWorker:
 
 
 class Executor(Protocol):
+    """Runs ``CacheWorker.run_shard`` for every index of ``todo`` (``cluster.executor``)."""
+
     def run(self, job: CacheJob, todo: list[int], on_done: Callable[[dict[str, Any]], None]) -> None: ...
-
-
-class LocalExecutor:
-    """Runs every shard in this process with one teacher replica (debugging, tests), overlapping
-    shards as a Ray actor does (``SHARDS_IN_FLIGHT``); ``on_done`` runs on the calling thread."""
-
-    def __init__(self, device: str = "cpu"):
-        self.device = device
-
-    def run(self, job: CacheJob, todo: list[int], on_done: Callable[[dict[str, Any]], None]) -> None:
-        worker = CacheWorker(job, self.device)
-        with ThreadPoolExecutor(max_workers=SHARDS_IN_FLIGHT, thread_name_prefix="shard") as pool:
-            futures = [pool.submit(worker.run_shard, i) for i in todo[:SHARDS_IN_FLIGHT]]
-            queue = list(todo[SHARDS_IN_FLIGHT:])
-            try:
-                while futures:
-                    result = futures.pop(0).result()
-                    if queue:
-                        futures.append(pool.submit(worker.run_shard, queue.pop(0)))
-                    on_done(result)
-            finally:
-                for f in futures:
-                    f.cancel()
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -298,28 +184,20 @@ def _exclusive(cache_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _pack_files(pack_dir: Path) -> list[tuple[str, int, int]]:
-    from stages.pack import window_files
-
-    out, first = [], 0
-    for path in window_files(pack_dir):
-        rows = pq.read_metadata(path).num_rows
-        out.append((path.name, first, rows))
-        first += rows
-    return out
-
-
-def _teacher_vocab(cfg: Config) -> int:
+def teacher_vocab(model: str) -> int:
     import json
 
-    conf = json.loads((Path(cfg.teacher.model) / "config.json").read_text())
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        raise UserError(f"teacher.model: '{model}' is not a Hugging Face model directory (no config.json)")
+    conf = json.loads(path.read_text())
     vocab = conf.get("vocab_size") or conf.get("text_config", {}).get("vocab_size")
     if not vocab:
-        raise UserError(f"teacher.model: {cfg.teacher.model}/config.json has no vocab_size")
+        raise UserError(f"teacher.model: {path} has no vocab_size")
     return int(vocab)
 
 
-def _check_vocab(cfg: Config, data_tokenizer: str, vocab: int) -> None:
+def _check_vocab(data_tokenizer: str, vocab: int) -> None:
     from stages.tokenizer import load_tokenizer
 
     n = len(load_tokenizer(data_tokenizer))
@@ -328,61 +206,42 @@ def _check_vocab(cfg: Config, data_tokenizer: str, vocab: int) -> None:
                         "the windows must be tokenized with the teacher's tokenizer")
 
 
-def build_job(cfg: Config, phase_index: int | None, pack_dir: Path, cache_dir: Path, identity: dict[str, Any]) -> CacheJob:
-    from stages.pack import pack_spec
-
-    spec = pack_spec(cfg, phase_index)
-    files = _pack_files(pack_dir)
-    num_windows = sum(r for _, _, r in files)
-    vocab = _teacher_vocab(cfg)
-    _check_vocab(cfg, spec.data.tokenizer, vocab)
+def build_job(spec: CacheSpec, pack_dir: Path, cache_dir: Path, fp: str) -> CacheJob:
+    windows = PackedWindows(pack_dir)
+    vocab = teacher_vocab(spec.teacher.model)
+    _check_vocab(spec.pack.data.tokenizer, vocab)
     return CacheJob(
-        cache_dir=str(cache_dir), pack_dir=str(pack_dir), pack_files=files, fingerprint=fingerprint(identity),
-        teacher=cfg.teacher.model_dump(mode="json"), cache=cfg.cache.model_dump(mode="json"),
-        mode=spec.pack.mode, window_len=spec.pack.window_len, seed=cfg.run.seed, vocab=vocab,
-        shards=shard_plan(num_windows, cfg.cache.windows_per_shard), fault=os.environ.get(FAULT_ENV) or None,
+        cache_dir=str(cache_dir), pack_dir=str(pack_dir), pack_files=windows.index, fingerprint=fp,
+        teacher=spec.teacher.model_dump(mode="json"), cache=spec.cache.model_dump(mode="json"),
+        mode=spec.pack.pack.mode, window_len=spec.pack.pack.window_len, seed=spec.seed, vocab=vocab,
+        shards=shard_plan(windows.num_windows, spec.cache.windows_per_shard),
     )
 
 
 def _clear(cache_dir: Path) -> None:
     for p in [cache_dir / MANIFEST_FILE, cache_dir / PLAN_FILE, *cache_dir.glob("shard-*.parquet"),
-              *cache_dir.glob(TEMP_GLOB), *cache_dir.glob(".fault-crashed-*")]:
+              *cache_dir.glob(TEMP_GLOB)]:
         p.unlink(missing_ok=True)
 
 
-def _make_executor(cfg: Config, address: str | None) -> Any:
-    from cluster.executor import RayExecutor
-    from cluster.local import resolve_address
-
-    return RayExecutor(address=resolve_address(address, cfg.cluster.address), teacher=cfg.teacher,
-                       max_retries=cfg.cache.max_retries)
-
-
-def run_cache(cfg: Config, phase_index: int | None = None, address: str | None = None, force: bool = False,
-              executor: Executor | None = None, verbose: bool = True) -> Path:
-    """Compute (or finish, or reuse) the teacher cache for one pack; returns its directory.
-
-    ``address``: a Ray cluster to attach to; None: the cluster this process runs in (a
-    submitted job), else ``cluster.address``, else an embedded Ray on 127.0.0.1 (see
-    ``cluster.local.resolve_address``). ``force`` rebuilds every shard.
-    """
-    from stages.pack import pack_spec, run_pack
-
-    spec = pack_spec(cfg, phase_index)
-    pack_dir = run_pack(cfg, spec, verbose=verbose)
-    identity = cache_identity(cfg, phase_index)
-    cache_dir = cfg.cache_root / fingerprint(identity)
+def run_cache(spec: CacheSpec, pack_dir: Path, cache_dir: Path, executor: Executor, force: bool = False,
+              verbose: bool = True) -> Path:
+    """Compute (or finish, or reuse) the teacher cache of ``spec`` over ``pack_dir`` into
+    ``cache_dir``; ``executor`` runs the shards (``cluster.executor``). ``force`` rebuilds
+    every shard."""
+    identity = spec.identity()
+    cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(cache_dir):
         if force:
             _clear(cache_dir)
         for tmp in cache_dir.glob(TEMP_GLOB):  # left by a killed run; no writer is alive (we hold the lock)
             tmp.unlink(missing_ok=True)
-        job = build_job(cfg, phase_index, pack_dir, cache_dir, identity)
+        job = build_job(spec, Path(pack_dir), cache_dir, fingerprint(identity))
         plan = {"fingerprint": job.fingerprint, "num_windows": sum(s["rows"] for s in job.shards),
-                "windows_per_shard": cfg.cache.windows_per_shard, "shards": job.shards}
+                "windows_per_shard": spec.cache.windows_per_shard, "shards": job.shards}
         write_plan(cache_dir, plan)
-        atomic_write_json(cache_dir / CONFIG_FILE, cfg.resolved())
+        atomic_write_json(cache_dir / CONFIG_FILE, spec_to_dict(spec))
         bad = {s["index"]: check_shard(cache_dir / shard_name(s["index"]), job.fingerprint, s["first_window"], s["rows"])
                for s in job.shards}
         todo = [i for i, reason in bad.items() if reason]
@@ -421,12 +280,12 @@ def run_cache(cfg: Config, phase_index: int | None = None, address: str | None =
                 cpu["last"][pid] = used
                 progress.update(1, result["tokens"])
 
-            (executor or _make_executor(cfg, address)).run(job, todo, on_done)
+            executor.run(job, todo, on_done)
         progress.close()
         for tmp in cache_dir.glob(TEMP_GLOB):  # left by workers that died mid-shard (their shard was retried)
             tmp.unlink(missing_ok=True)
         seconds = time.monotonic() - t0
-        manifest = finish(cache_dir, job, identity, cfg, tokens_computed=tokens, seconds=seconds, done_at=done_at,
+        manifest = finish(cache_dir, job, identity, tokens_computed=tokens, seconds=seconds, done_at=done_at,
                           cpu=cpu)
         if verbose:
             print(f"cache: wrote {cache_dir}: {manifest['windows']} windows, {manifest['bytes_per_entry']:.3g} B/entry"
@@ -434,7 +293,7 @@ def run_cache(cfg: Config, phase_index: int | None = None, address: str | None =
         return cache_dir
 
 
-def finish(cache_dir: Path, job: CacheJob, identity: dict[str, Any], cfg: Config, tokens_computed: int,
+def finish(cache_dir: Path, job: CacheJob, identity: dict[str, Any], tokens_computed: int,
            seconds: float, done_at: list[tuple[float, int]] | None = None,
            cpu: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check every shard once more and write the manifest (last)."""

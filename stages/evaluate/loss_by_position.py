@@ -12,36 +12,17 @@ and is left out of the loss.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import Config
 from stages.evaluate.models import final_hidden, model_device, split_model
 
 
-def heldout_windows(cfg: Config, window_len: int, count: int, seed: int) -> tuple[Path, list[dict]]:
-    """The first ``count`` windows of a pack made with the held-out seed (packed once, reused)."""
-    from stages.pack import PackSpec, iter_windows, run_pack
-
-    data = cfg.eval.data or cfg.data
-    pack = cfg.pack.model_copy(update={"window_len": window_len})
-    if pack.doc_len[1] > window_len:
-        pack = pack.model_copy(update={"doc_len": (min(pack.doc_len[0], window_len), window_len)})
-    out = run_pack(cfg, PackSpec(data=data, pack=pack, seed=seed), verbose=False)
-    rows = []
-    for row in iter_windows(out):
-        rows.append(row)
-        if len(rows) >= count:
-            break
-    return out, rows
-
-
 def _windows(rows: list[dict], mode: str) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    from stages.pack import position_ids
+    from stages.windows import position_ids
 
     for row in rows:
         ids = np.asarray(row["input_ids"], dtype=np.int64)

@@ -15,71 +15,17 @@ own loader adapter only slices 2-D tensors).
 from __future__ import annotations
 
 import queue
-import random
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from stages.kd_loss import IGNORE
 
 # ----------------------------------------------------------------------------- packed windows
-
-
-class PackedWindowReader:
-    """Packed windows of one pack directory for one data-parallel rank, in a seeded order.
-
-    Order: a permutation of row groups (seed, epoch), rows in file order within a group;
-    window j of that order goes to rank j % dp_size; the total is cut to a multiple of
-    dp_size so every rank sees the same number of windows per epoch.
-    """
-
-    def __init__(self, pack_dir: str | Path, *, dp_rank: int, dp_size: int, seed: int, epoch: int = 0):
-        from stages.pack import window_files
-
-        self.files = window_files(Path(pack_dir))
-        groups = []  # (file index, row group, rows)
-        for fi, f in enumerate(self.files):
-            md = pq.read_metadata(f)
-            groups += [(fi, g, md.row_group(g).num_rows) for g in range(md.num_row_groups)]
-        order = list(range(len(groups)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        windows = [(groups[g][0], groups[g][1], r) for g in order for r in range(groups[g][2])]
-        windows = windows[: len(windows) // dp_size * dp_size]
-        self.mine = windows[dp_rank::dp_size]
-        self.epoch = epoch
-        self.consumed = 0
-        self._table: tuple[tuple[int, int], Any] | None = None
-
-    def __len__(self) -> int:
-        return len(self.mine)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "consumed": self.consumed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state["epoch"] != self.epoch:
-            raise ValueError(f"state is for epoch {state['epoch']}, reader is at {self.epoch}")
-        self.consumed = int(state["consumed"])
-
-    def _row(self, fi: int, g: int, r: int) -> dict[str, Any]:
-        if self._table is None or self._table[0] != (fi, g):
-            pf = pq.ParquetFile(self.files[fi])
-            self._table = ((fi, g), pf.read_row_group(g).to_pydict())
-        cols = self._table[1]
-        return {"window_id": int(cols["window_id"][r]),
-                "input_ids": torch.tensor(cols["input_ids"][r], dtype=torch.int32),
-                "doc_starts": list(cols["doc_starts"][r])}
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        while self.consumed < len(self.mine):
-            row = self._row(*self.mine[self.consumed])
-            self.consumed += 1
-            yield row
 
 
 class EpochStream:
@@ -252,12 +198,12 @@ class Prefetcher:
 # ----------------------------------------------------------------------------- sources
 
 
-def open_stream(source: str, path: Path, *, dp_rank: int, dp_size: int, seed: int,
-                fingerprint: str | None = None) -> EpochStream:
+def open_stream(source: str, path: Path, *, dp_rank: int, dp_size: int, seed: int) -> EpochStream:
     if source == "pack":
-        return EpochStream(lambda e: PackedWindowReader(path, dp_rank=dp_rank, dp_size=dp_size, seed=seed, epoch=e))
+        from stages.windows import RankWindows
+
+        return EpochStream(lambda e: RankWindows(path, dp_rank=dp_rank, dp_size=dp_size, seed=seed, epoch=e))
     from stages.cache.reader import ShardReader
 
-    return EpochStream(lambda e: ShardReader(path, dp_rank=dp_rank, dp_size=dp_size, seed=seed, epoch=e,
-                                             expected_fingerprint=fingerprint))
+    return EpochStream(lambda e: ShardReader(path, dp_rank=dp_rank, dp_size=dp_size, seed=seed, epoch=e))
 

@@ -1,15 +1,17 @@
 """The one training function. Every launcher (torchrun, the deepspeed launcher, Ray Train)
 ends up calling :func:`train` on every rank, after the process group exists.
 
-Run directly::
+Every rank reads the same job file, ``<run>/train_job.json`` (the resolved ``TrainSpec`` and
+each phase's input directory), written by the launcher in ``cluster.launch``. Run directly::
 
-    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m stages.train.loop CONFIG.yaml [--resume]
-    deepspeed --num_gpus 8 --module stages.train.loop CONFIG.yaml
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m stages.train.loop RUN_DIR/train_job.json [--resume]
+    deepspeed --num_gpus 8 --module stages.train.loop RUN_DIR/train_job.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -23,16 +25,31 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.atomic import atomic_write_bytes
-from pipeline.config import Config, load_config
 from pipeline.errors import UserError
 from pipeline.progress import Progress
-from stages.train.plan import (Geometry, PhasePlan, data_dir, geometry, lr_at, model_dir, preflight,
-                               resolve_phases, run_dir, threads_per_rank)
+from stages.specs import PhaseSpec, TrainSpec, spec_to_dict, train_spec_from_dict
+from stages.train.plan import MODEL_DIR, Geometry, geometry, lr_at, preflight, threads_per_rank
+
+JOB_FILE = "train_job.json"
 
 
-# Test hook: seconds to sleep after every optimizer step, so a test can kill a run mid-phase.
-STEP_DELAY_S = float(os.environ.get("POSDISTILL_STEP_DELAY", "0"))
+def write_job(spec: TrainSpec, inputs: dict[int, Path], run_dir: Path) -> Path:
+    """The file every rank reads: the spec and each phase's input directory."""
+    from pipeline.atomic import atomic_write_json
+
+    path = run_dir / JOB_FILE
+    atomic_write_json(path, {"spec": spec_to_dict(spec), "inputs": {str(i): str(p) for i, p in inputs.items()},
+                             "run_dir": str(run_dir)})
+    return path
+
+
+def read_job(path: str | Path) -> tuple[TrainSpec, dict[int, Path], Path]:
+    try:
+        raw = json.loads(Path(path).read_text())
+        return (train_spec_from_dict(raw["spec"]), {int(i): Path(p) for i, p in raw["inputs"].items()},
+                Path(raw["run_dir"]))
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{path}: not a training job file ({err})") from None
 
 
 @dataclass(frozen=True)
@@ -66,8 +83,8 @@ def init_distributed() -> DistEnv:
                    device=torch.device("cuda", local_rank) if gpu else torch.device("cpu"))
 
 
-def deepspeed_config(cfg: Config, geo: Geometry, gpu: bool) -> dict[str, Any]:
-    t, ds = cfg.train, cfg.train.deepspeed
+def deepspeed_config(t: Any, geo: Geometry, gpu: bool) -> dict[str, Any]:
+    ds = t.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     for kind, device in (("offload_optimizer", ds.offload_optimizer), ("offload_param", ds.offload_param)):
         if device != "none":
@@ -95,19 +112,13 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-def train_identity(cfg: Config) -> dict[str, Any]:
-    """What a checkpoint must share with the config that resumes it."""
-    r = cfg.resolved()
-    return {"seed": cfg.train_seed, **{k: r[k] for k in ("data", "pack", "teacher", "cache", "student", "train")}}
-
-
-def _rank0_preflight(cfg: Config, env: DistEnv) -> None:
+def _rank0_preflight(spec: TrainSpec, inputs: dict[int, Path], env: DistEnv) -> None:
     """Rank 0 checks inputs (and packs missing windows) while the others wait; an error
     reaches every rank so none hangs in a collective."""
     msg = [None]
     if env.rank == 0:
         try:
-            preflight(cfg, env.world)
+            preflight(spec, inputs, env.world)
         except UserError as err:
             msg[0] = str(err)
     dist.broadcast_object_list(msg, src=0)
@@ -124,7 +135,7 @@ class StepStats:
     wait_s: float
 
 
-def train_step(engine: Any, data: Any, phase: PhasePlan, geo: Geometry, device: torch.device) -> StepStats:
+def train_step(engine: Any, data: Any, phase: PhaseSpec, geo: Geometry, device: torch.device) -> StepStats:
     """One optimizer step: ``grad_accum`` micro-batches, then sums reduced over all ranks."""
     sums = torch.zeros(5, dtype=torch.float64)  # kd_sum, ce_sum, kd_positions, ce_positions, wait_s
     tokens = 0
@@ -151,20 +162,19 @@ def train_step(engine: Any, data: Any, phase: PhasePlan, geo: Geometry, device: 
     return StepStats(loss=loss, kd=kd, ce=ce, tokens=tokens * geo.dp, wait_s=sums[4].item() / geo.world)
 
 
-def open_loader(cfg: Config, phase: PhasePlan, geo: Geometry, rank: int, state: Any) -> Any:
+def open_loader(spec: TrainSpec, phase: PhaseSpec, path: Path, geo: Geometry, rank: int, state: Any) -> Any:
     from stages.train.data import Prefetcher, batches, open_stream
 
-    path = data_dir(cfg, phase)
-    stream = open_stream(phase.source, path, dp_rank=geo.dp_rank(rank), dp_size=geo.dp, seed=cfg.train_seed)
+    stream = open_stream(phase.source, path, dp_rank=geo.dp_rank(rank), dp_size=geo.dp, seed=spec.seed)
     if state is not None:
         stream.load_state_dict(state)
-    source = batches(stream, geo.micro_batch, mode=cfg.pack.mode, window_len=phase.window_len, sp=geo.sp,
+    source = batches(stream, geo.micro_batch, mode=spec.mode, window_len=phase.window_len, sp=geo.sp,
                      sp_rank=geo.sp_rank(rank), with_targets=phase.source == "cache",
                      periodic=phase.data.source == "periodic")
-    return Prefetcher(source, cfg.train.prefetch)
+    return Prefetcher(source, spec.train.prefetch)
 
 
-def build_engine(cfg: Config, geo: Geometry, env: DistEnv) -> tuple[Any, Any, list[dict[str, Any]]]:
+def build_engine(spec: TrainSpec, geo: Geometry, env: DistEnv) -> tuple[Any, Any, list[dict[str, Any]]]:
     """(DeepSpeed engine, the HF student inside it, every phase's rope_parameters)."""
     import deepspeed
 
@@ -172,21 +182,22 @@ def build_engine(cfg: Config, geo: Geometry, env: DistEnv) -> tuple[Any, Any, li
     from stages.student import build_student
     from stages.train.model import StudentWithLoss, enable_checkpointing, enable_tiled_mlp, setup_sequence_parallel
 
-    model, fresh = build_student(cfg)
-    rope_plan = plan_phases(cfg.train.phases, model.config, fresh)
-    if cfg.train.gradient_checkpointing:
+    model, fresh = build_student(spec)
+    rope_plan = plan_phases(list(spec.phases), model.config, fresh)
+    if spec.train.gradient_checkpointing:
         enable_checkpointing(model)
-    if cfg.train.tiled_mlp:
+    if spec.train.tiled_mlp:
         enable_tiled_mlp(model)
     mpu = setup_sequence_parallel(model, geo.sp, geo.micro_batch) if geo.sp > 1 else None
-    module = StudentWithLoss(model, cfg.train.loss_tile)
+    module = StudentWithLoss(model, spec.train.loss_tile)
     engine, *_ = deepspeed.initialize(model=module, model_parameters=list(module.parameters()),
-                                      config=deepspeed_config(cfg, geo, env.gpu), mpu=mpu)
+                                      config=deepspeed_config(spec.train, geo, env.gpu), mpu=mpu)
     return engine, model, rope_plan
 
 
-def train(cfg: Config, resume: bool = False) -> Path:
-    """Train every phase of ``cfg`` on this rank; returns the exported model directory."""
+def train(spec: TrainSpec, inputs: dict[int, Path], run: Path, resume: bool = False) -> Path:
+    """Train every phase of ``spec`` on this rank, reading phase i from ``inputs[i]`` and
+    writing checkpoints and the exported model under ``run``; returns the model directory."""
     from stages.rope import apply_rope
     from stages.tokenizer import load_tokenizer
     from stages.train.checkpoint import Checkpointer
@@ -195,25 +206,24 @@ def train(cfg: Config, resume: bool = False) -> Path:
 
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")  # DeepSpeed's own call
     env = init_distributed()
-    _rank0_preflight(cfg, env)
+    _rank0_preflight(spec, inputs, env)
     torch.set_num_threads(threads_per_rank(env.local_world))
-    geo, phases, run = geometry(cfg, env.world), resolve_phases(cfg), run_dir(cfg)
+    t, phases = spec.train, spec.phases
+    geo = geometry(t, env.world)
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if env.rank == 0 else (lambda m: None)
-    engine, model, rope_plan = build_engine(cfg, geo, env)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    engine, model, rope_plan = build_engine(spec, geo, env)
+    tokenizer = load_tokenizer(spec.tokenizer)
 
-    ckpt = Checkpointer(run / "checkpoints", env.rank, env.world, cfg.train.keep_checkpoints, train_identity(cfg))
+    ckpt = Checkpointer(run / "checkpoints", env.rank, env.world, t.keep_checkpoints, spec.identity())
     point = ckpt.resume_point()
     if resume and point is None:
         raise UserError(f"--resume: no complete checkpoint under {run / 'checkpoints'}")
     state = ckpt.load(engine, point) if point else None
     step = point.step if point else 0
-    if env.rank == 0:
-        atomic_write_bytes(run / "config.json", cfg.to_json().encode())
     if point:
         say(f"train: resuming from {point.tag} (step {step})")
     metrics = MetricsLog(run, step, enabled=env.rank == 0)
-    progress = Progress("train", phases[-1].end, unit="steps", interval=cfg.train.log_every_s,
+    progress = Progress(f"train {spec.label}", phases[-1].end, unit="steps", interval=t.log_every_s,
                         enabled=env.rank == 0)
     progress.done = step
 
@@ -225,10 +235,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
             f"{'KD from ' if phase.source == 'cache' else 'CE on '}{phase.source} (alpha {phase.kd.alpha}); "
             + report.line(phase.window_len))
         resume_here = point is not None and point.phase == phase.index and phase.start < step
-        data = open_loader(cfg, phase, geo, env.rank, state if resume_here else None)
+        data = open_loader(spec, phase, inputs[phase.index], geo, env.rank, state if resume_here else None)
         try:
             while step < phase.end:
-                lr = lr_at(phase, step - phase.start, cfg.train.warmup_steps)
+                lr = lr_at(phase, step - phase.start, t.warmup_steps)
                 for group in engine.optimizer.param_groups:
                     group["lr"] = lr
                 t0 = time.perf_counter()
@@ -241,16 +251,14 @@ def train(cfg: Config, resume: bool = False) -> Path:
                              "wait_s": s.wait_s, "grad_norm": None if grad_norm is None else float(grad_norm),
                              "phase_name": phase.name})
                 progress.update(1, s.tokens)
-                if STEP_DELAY_S:
-                    time.sleep(STEP_DELAY_S)
-                if step % cfg.train.save_every == 0 or step == phase.end:
+                if step % t.save_every == 0 or step == phase.end:
                     ckpt.save(engine, step, phase.index, data.state_dict(), model, tokenizer)
         finally:
             data.close()
     progress.close()
     metrics.close()
 
-    out = model_dir(cfg)
+    out = run / MODEL_DIR
     if env.rank == 0 and not (out / "config.json").is_file():
         export_checkpoint(run / "checkpoints", out, dtype="float32")
         say(f"train: exported {out}")
@@ -261,7 +269,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m stages.train.loop", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", help="posdistill YAML (or the resolved config.json of a run)")
+    ap.add_argument("job", help=f"a run directory's {JOB_FILE} (written by `posdistill train`)")
     ap.add_argument("--resume", action="store_true", help="fail unless a complete checkpoint exists")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = ap.parse_args(argv)
@@ -269,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     code = 0
     try:
-        train(load_config(args.config), resume=args.resume)
+        spec, inputs, run = read_job(args.job)
+        train(spec, inputs, run, resume=args.resume)
     except UserError as err:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)

@@ -1,9 +1,9 @@
-"""What each phase trains on, resolved once and checked before any rank starts.
+"""Checks and arithmetic of a training run, done before any rank starts.
 
-Every rank recomputes the same plan from the same resolved config, so nothing here may
-depend on the rank. ``preflight`` runs in the launching process: bad input (missing or
-stale cache, vocabulary mismatch, batch geometry) fails there with one message instead of
-once per rank.
+The phases arrive resolved (``stages.specs.PhaseSpec``); every rank computes the same
+geometry and learning rates from the same spec, so nothing here may depend on the rank.
+``preflight`` runs in the launching process: bad input (missing or stale cache, vocabulary
+mismatch, batch geometry) fails there with one message instead of once per rank.
 """
 
 from __future__ import annotations
@@ -12,28 +12,12 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from pipeline.config import Config, DataConfig, KDConfig
+from pipeline.config import TrainConfig
 from pipeline.errors import UserError
+from stages.specs import PhaseSpec, TrainSpec
 
-
-@dataclass(frozen=True)
-class PhasePlan:
-    index: int
-    name: str
-    window_len: int
-    steps: int
-    start: int  # global optimizer steps done before this phase
-    lr: float
-    min_lr_ratio: float
-    kd: KDConfig  # train.kd with the phase's overrides applied
-    data: DataConfig
-    source: Literal["cache", "pack"]  # teacher cache (kd.alpha > 0) or packed windows (alpha 0)
-
-    @property
-    def end(self) -> int:
-        return self.start + self.steps
+MODEL_DIR = "model"  # the exported Hugging Face directory inside a run directory
 
 
 @dataclass(frozen=True)
@@ -53,40 +37,13 @@ class Geometry:
         return rank % self.sp
 
 
-def run_dir(cfg: Config) -> Path:
-    name = (cfg.student.name if cfg.student and cfg.student.name else None) or "student"
-    return cfg.out_dir / "train" / name
-
-
-def model_dir(cfg: Config) -> Path:
-    """Where the trained student is exported (a Hugging Face directory)."""
-    return run_dir(cfg) / "model"
-
-
-def resolve_phases(cfg: Config) -> list[PhasePlan]:
-    if not cfg.train.phases:
-        raise UserError("train.phases: no phases given (a list of {window_len, steps, rope, ...})")
-    out, start = [], 0
-    for i, ph in enumerate(cfg.train.phases):
-        override = ph.kd.model_dump(exclude_none=True) if ph.kd else {}
-        kd = cfg.train.kd.model_copy(update=override)
-        out.append(PhasePlan(
-            index=i, name=ph.name or f"phase{i}", window_len=ph.window_len, steps=ph.steps, start=start,
-            lr=ph.lr or cfg.train.lr,
-            min_lr_ratio=cfg.train.min_lr_ratio if ph.min_lr_ratio is None else ph.min_lr_ratio, kd=kd, data=ph.data or cfg.data,
-            source="cache" if kd.alpha > 0 else "pack"))
-        start += ph.steps
-    return out
-
-
 def default_workers() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
 
-def geometry(cfg: Config, world: int) -> Geometry:
-    t = cfg.train
+def geometry(t: TrainConfig, world: int) -> Geometry:
     sp = t.sequence_parallel
     if world % sp:
         raise UserError(f"train.sequence_parallel {sp} does not divide the world size {world} (train.workers)")
@@ -98,7 +55,7 @@ def geometry(cfg: Config, world: int) -> Geometry:
     return Geometry(world=world, sp=sp, dp=dp, micro_batch=t.micro_batch, grad_accum=t.batch_size // per_step)
 
 
-def lr_at(phase: PhasePlan, step_in_phase: int, warmup: int) -> float:
+def lr_at(phase: PhaseSpec, step_in_phase: int, warmup: int) -> float:
     """Linear warmup to the phase's lr, then cosine down to lr * its min_lr_ratio, per phase."""
     min_ratio = phase.min_lr_ratio
     warm = min(warmup, phase.steps)
@@ -109,27 +66,26 @@ def lr_at(phase: PhasePlan, step_in_phase: int, warmup: int) -> float:
     return phase.lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-# ----------------------------------------------------------------------------- data locations
+# ----------------------------------------------------------------------------- inputs
 
 
-def check_phase_cache(cfg: Config, phase: PhasePlan) -> Path:
+def check_phase_cache(phase: PhaseSpec, path: Path) -> Path:
     """The phase's teacher cache, complete and computed for exactly this phase's windows.
 
-    The cache directory is named by the fingerprint of its identity, so a config change
-    makes the expected directory simply absent; the error then names the fields in which
-    the nearest existing cache differs from this phase's config (a stale cache).
+    The cache directory is named by the fingerprint of its identity, so a changed input makes
+    the expected directory simply absent; the error then names the fields in which the
+    nearest existing cache differs from this phase's spec (a stale cache).
     """
     import json
 
-    from stages.cache.reader import differences, check_cache
-    from stages.cache.stage import cache_dir_for, cache_identity
+    from stages.cache.reader import check_cache, differences
 
-    where = f"train.phases[{phase.index}]"
-    want = cache_identity(cfg, phase.index)
-    path = Path(cache_dir_for(cfg, phase.index))
+    where = f"phases[{phase.index}] ({phase.name})"
+    assert phase.cache is not None
+    want = phase.cache.identity()
     if not (path / "manifest.json").is_file():
         nearest: tuple[int, Path, list[str]] | None = None
-        for other in sorted(cfg.cache_root.glob("*/manifest.json")) if cfg.cache_root.is_dir() else []:
+        for other in sorted(path.parent.glob("*/manifest.json")) if path.parent.is_dir() else []:
             try:
                 have = json.loads(other.read_text()).get("identity", {})
             except (OSError, json.JSONDecodeError):
@@ -138,7 +94,8 @@ def check_phase_cache(cfg: Config, phase: PhasePlan) -> Path:
             if nearest is None or len(diff) < nearest[0]:
                 nearest = (len(diff), other.parent, diff)
         state = "incomplete (no manifest.json)" if path.is_dir() else "missing"
-        msg = f"{where}: its teacher cache {path} is {state}; run `posdistill cache CONFIG` first"
+        msg = (f"{where}: its teacher cache {path} is {state}; `posdistill train CONFIG` builds it "
+               "(or `posdistill cache CONFIG`)")
         if nearest is not None:
             msg += f". The cache at {nearest[1]} is stale for this phase; differing fields: " + "; ".join(nearest[2])
         raise UserError(msg)
@@ -149,54 +106,49 @@ def check_phase_cache(cfg: Config, phase: PhasePlan) -> Path:
     return path
 
 
-def pack_dir_for(cfg: Config, phase: PhasePlan, create: bool) -> Path:
-    from stages.pack import is_complete, pack_dir, pack_spec, run_pack
+def check_inputs(phase: PhaseSpec, path: Path) -> Path:
+    from stages.pack import is_complete
 
-    spec = pack_spec(cfg, phase.index)
-    path = pack_dir(cfg, spec)
+    if phase.source == "cache":
+        return check_phase_cache(phase, path)
     if not is_complete(path):
-        if not create:
-            raise UserError(f"train.phases[{phase.index}]: packed windows {path} are missing; run "
-                            f"`posdistill train` (it packs them) or `posdistill pack`")
-        run_pack(cfg, spec, verbose=False)
+        raise UserError(f"phases[{phase.index}] ({phase.name}): packed windows {path} are missing; "
+                        "`posdistill train CONFIG` packs them (or `posdistill pack CONFIG`)")
     return path
-
-
-def data_dir(cfg: Config, phase: PhasePlan, create: bool = False) -> Path:
-    return check_phase_cache(cfg, phase) if phase.source == "cache" else pack_dir_for(cfg, phase, create)
 
 
 # ----------------------------------------------------------------------------- preflight
 
 
-def preflight(cfg: Config, world: int) -> list[PhasePlan]:
+def preflight(spec: TrainSpec, inputs: dict[int, Path], world: int) -> None:
     """Every check that can fail on user input, in the launching process."""
     from stages.rope import plan_phases
     from stages.student import student_config
 
-    phases = resolve_phases(cfg)
-    geo = geometry(cfg, world)
-    mcfg, fresh = student_config(cfg)  # includes the vocabulary check
-    plan_phases(cfg.train.phases, mcfg, fresh)  # validates every phase's rope_parameters
+    geo = geometry(spec.train, world)
+    mcfg, fresh = student_config(spec)  # includes the vocabulary check
+    plan_phases(list(spec.phases), mcfg, fresh)  # validates every phase's rope_parameters
     text = mcfg.get_text_config() if hasattr(mcfg, "get_text_config") else mcfg
+    attn = spec.student.attn_implementation
     if geo.sp > 1:
         heads, kv = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         if heads % geo.sp or (kv % geo.sp and geo.sp % kv):
             raise UserError(f"train.sequence_parallel {geo.sp} must divide the student's attention heads ({heads}) "
                             f"and divide or be divisible by its key/value heads ({kv})")
-        if cfg.pack.mode == "doc_masked" and "flash" not in cfg.student.attn_implementation:
+        if spec.mode == "doc_masked" and "flash" not in attn:
             raise UserError("train.sequence_parallel > 1 with pack.mode doc_masked needs a flash-attention "
                             "student.attn_implementation: Ulysses drops attention masks, so with sdpa packed "
                             "documents would attend to each other")
-        if cfg.student.attn_implementation == "eager":
+        if attn == "eager":
             raise UserError("train.sequence_parallel > 1 needs student.attn_implementation sdpa or flash_attention_*")
-    for ph in phases:
-        path = data_dir(cfg, ph, create=True)
+    for ph in spec.phases:
+        if ph.index not in inputs:
+            raise UserError(f"phases[{ph.index}] ({ph.name}): no input directory given")
+        path = check_inputs(ph, Path(inputs[ph.index]))
         n = count_windows(path, ph.source)
         if n < geo.dp:
-            raise UserError(f"train.phases[{ph.index}]: {n} windows in {path}, fewer than the {geo.dp} "
+            raise UserError(f"phases[{ph.index}] ({ph.name}): {n} windows in {path}, fewer than the {geo.dp} "
                             f"data-parallel ranks")
-    return phases
 
 
 def count_windows(path: Path, source: str) -> int:

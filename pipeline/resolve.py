@@ -1,0 +1,170 @@
+"""The one resolver: the validated YAML tree -> frozen specs, one per graph node.
+
+Every inherited default is filled in here and nowhere else: a phase's ``data`` and
+``doc_len`` (else the top level's), its ``kd`` overrides over ``train.kd``, its ``lr`` and
+``min_lr_ratio``, a variant's ``batch_size`` / ``micro_batch`` / ``seeds``, ``init_from``
+(the parent's exported model becomes ``student.init``), ``eval.data``, ``eval.heldout_seed``
+and the students of a config without ``students:`` (one student trained on
+``train.phases``). Where outputs live (the run directory layout) is decided here too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, PhaseConfig, StudentVariant
+from pipeline.errors import UserError
+from pipeline.fingerprint import fingerprint
+from stages.specs import AnalyzeSpec, BootstrapSpec, CacheSpec, EvalSpec, PackSpec, PhaseSpec, TrainSpec
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every node's output lives."""
+
+    out_dir: Path
+    cache_root: Path
+
+    def pack_dir(self, spec: PackSpec) -> Path:
+        return self.out_dir / "pack" / spec.fingerprint()
+
+    def cache_dir(self, spec: CacheSpec) -> Path:
+        return self.cache_root / spec.fingerprint()
+
+    def run_dir(self, spec: TrainSpec) -> Path:
+        return self.out_dir / "train" / spec_dir_name(spec)
+
+    def model_dir(self, spec: TrainSpec) -> Path:
+        return self.run_dir(spec) / "model"
+
+
+def spec_dir_name(spec: TrainSpec) -> str:
+    """A variant's run directory is named by what its numbers depend on, so a changed phase,
+    seed or starting point trains a new student instead of resuming a different one; the
+    one student of a config without ``students:`` keeps its plain name."""
+    return spec.dir_name if spec.variant != spec.label else spec.label
+
+
+def layout(cfg: Config) -> Layout:
+    return Layout(out_dir=cfg.out_dir, cache_root=cfg.cache_root)
+
+
+def pack_spec(cfg: Config) -> PackSpec:
+    """The top-level pack (``pack`` and ``data``)."""
+    return PackSpec(data=cfg.data, pack=cfg.pack, seed=cfg.run.seed)
+
+
+def phase_pack_spec(cfg: Config, phase: PhaseConfig) -> PackSpec:
+    """A phase's windows: its window, its ``doc_len`` (else ``pack.doc_len``), its ``data``."""
+    pack = cfg.pack.model_copy(update={"window_len": phase.window_len, "doc_len": phase.doc_len or cfg.pack.doc_len})
+    return PackSpec(data=phase.data or cfg.data, pack=pack, seed=cfg.run.seed)
+
+
+def cache_spec(cfg: Config, pack: PackSpec) -> CacheSpec:
+    return CacheSpec(teacher=cfg.teacher, cache=cfg.cache, pack=pack, seed=cfg.run.seed)
+
+
+def phase_specs(cfg: Config, phases: list[PhaseConfig], where: str = "train.phases") -> tuple[PhaseSpec, ...]:
+    if not phases:
+        raise UserError(f"{where}: no phases given (a list of {{window_len, steps, rope, ...}}) and no students:")
+    out, start = [], 0
+    for i, ph in enumerate(phases):
+        override = ph.kd.model_dump(exclude_none=True) if ph.kd else {}
+        kd = cfg.train.kd.model_copy(update=override)
+        pack = phase_pack_spec(cfg, ph)
+        out.append(PhaseSpec(
+            index=i, name=ph.name or f"phase{i}", window_len=ph.window_len, steps=ph.steps, start=start,
+            lr=ph.lr or cfg.train.lr,
+            min_lr_ratio=cfg.train.min_lr_ratio if ph.min_lr_ratio is None else ph.min_lr_ratio,
+            kd=kd, rope=ph.rope, data=pack.data, pack=pack,
+            cache=cache_spec(cfg, pack) if kd.alpha > 0 else None))
+        start += ph.steps
+    return tuple(out)
+
+
+def _train_spec(cfg: Config, variant: StudentVariant | None, seed: int, parent: TrainSpec | None,
+                lay: Layout) -> TrainSpec:
+    raw = cfg.resolved()
+    raw["students"] = []
+    if variant is not None:
+        raw["train"]["phases"] = [p.model_dump(mode="json") for p in variant.phases]
+        for key in ("batch_size", "micro_batch"):
+            if getattr(variant, key) is not None:
+                raw["train"][key] = getattr(variant, key)
+    raw["train"]["seed"] = seed
+    if parent is not None:
+        raw["student"] = {**raw["student"], "init": str(lay.model_dir(parent)), "config": None}
+    label = f"{variant.name}-s{seed}" if variant is not None else (cfg.student.name or "student")
+    raw["student"]["name"] = None
+    identity = {k: raw[k] for k in ("data", "pack", "teacher", "cache", "student", "train")}
+    resolved = Config.model_validate(raw)  # the variant's sections, validated (cross-field checks too)
+    where = f"students.{variant.name}.phases" if variant is not None else "train.phases"
+    return TrainSpec(
+        label=label, variant=variant.name if variant is not None else label, seed=seed,
+        student=resolved.student, train=resolved.train, phases=phase_specs(cfg, resolved.train.phases, where),
+        tokenizer=cfg.data.tokenizer, mode=cfg.pack.mode, teacher_model=cfg.teacher.model,
+        init_from=parent.label if parent is not None else None, identity_parts=identity)
+
+
+def train_specs(cfg: Config) -> list[TrainSpec]:
+    """Every (variant, seed) in dependency order; without ``students:``, the one student of ``train``."""
+    lay = layout(cfg)
+    if cfg.student is None:
+        return []
+    if not cfg.students:
+        if not cfg.train.phases:
+            return []
+        return [_train_spec(cfg, None, cfg.train_seed, None, lay)]
+    out: list[TrainSpec] = []
+    by_variant: dict[str, list[TrainSpec]] = {}
+    for v in cfg.students:
+        for seed in v.seeds or [cfg.train_seed]:
+            parent = None
+            if v.init_from:
+                parents = by_variant[v.init_from]
+                parent = next((p for p in parents if p.seed == seed), parents[0])
+            s = _train_spec(cfg, v, seed, parent, lay)
+            by_variant.setdefault(v.name, []).append(s)
+            out.append(s)
+    return out
+
+
+def eval_spec(cfg: Config) -> EvalSpec:
+    data = cfg.eval.data or cfg.data
+    seed = cfg.eval.heldout_seed if cfg.eval.heldout_seed is not None else cfg.run.seed + 1
+    return EvalSpec(eval=cfg.eval, data=data, pack=cfg.pack, heldout_seed=seed, tokenizer=data.tokenizer)
+
+
+def analyze_spec(cfg: Config) -> AnalyzeSpec:
+    return AnalyzeSpec(analyze=cfg.analyze, eval=eval_spec(cfg), window_len=cfg.pack.window_len)
+
+
+def query_span_windows(cfg: Config, spec: TrainSpec) -> list[int]:
+    """Phase windows marked on a query-spans plot: analyze.query_spans.windows, else the
+    student's phases and the top-level pack."""
+    if cfg.analyze.query_spans.windows:
+        return sorted(set(cfg.analyze.query_spans.windows))
+    return sorted({p.window_len for p in spec.phases} | {cfg.pack.window_len})
+
+
+def bootstrap_spec(cfg: Config) -> BootstrapSpec:
+    if cfg.teacher.bootstrap is None:
+        raise UserError("teacher.bootstrap: missing (the bootstrap command needs its phases)")
+    return BootstrapSpec(boot=cfg.teacher.bootstrap, synthetic=cfg.data.synthetic, doc_len=cfg.pack.doc_len,
+                         tokenizer=cfg.data.tokenizer)
+
+
+def bootstrap_dir(cfg: Config) -> Path:
+    """Where a bootstrapped teacher goes: teacher.model, else <run.out_dir>/teacher."""
+    return Path(cfg.teacher.model) if cfg.teacher.model else cfg.out_dir / "teacher"
+
+
+def with_teacher(cfg: Config, model: str) -> Config:
+    """The config with ``teacher.model`` set (after a bootstrap made it)."""
+    return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"model": model})})
+
+
+def identity_of(parts: dict[str, Any]) -> str:
+    return fingerprint(parts, length=12)
