@@ -66,7 +66,7 @@ def _our_processes(temp_dir: str) -> list:
     return [p for p in procs.values() if p.pid != os.getpid()]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:
@@ -98,7 +98,7 @@ def head_up(port: int = 6379, dashboard_port: int = 8265, num_cpus: int | None =
            "--temp-dir", temp_dir, "--disable-usage-stats",
            # Ray's fixed default (52365) collides with any other Ray on the machine, and the
            # head then never gets a job agent ("No available agent to submit job").
-           "--dashboard-agent-listen-port", str(_free_port())]
+           "--dashboard-agent-listen-port", str(free_port())]
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
     if num_gpus is not None:

@@ -12,23 +12,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from cluster.head import free_port
 from pipeline.errors import UserError
 from stages.specs import TrainSpec
 from stages.train.checkpoint import complete_tags
 from stages.train.loop import read_job, write_job
 from stages.train.plan import MODEL_DIR, default_workers, preflight, threads_per_rank
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _has_gpu() -> bool:
@@ -50,7 +44,7 @@ def rank_env(workers: int) -> dict[str, str]:
 
 def local_command(runner: str, job_path: Path, workers: int, resume: bool) -> list[str]:
     args = [str(job_path)] + (["--resume"] if resume else [])
-    port = str(_free_port())
+    port = str(free_port())
     if runner == "deepspeed":
         exe = shutil.which("deepspeed")
         if exe is None:

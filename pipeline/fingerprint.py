@@ -58,3 +58,20 @@ def dir_identity(path: str | Path) -> list[dict[str, Any]]:
             ident["name"] = str(full.relative_to(root))
             out.append(ident)
     return out
+
+
+def differences(have: Any, want: Any, path: str = "", skip: tuple[str, ...] = ()) -> list[str]:
+    """Every leaf where two identities differ, as ``path (cache: old, run: new)``; keys in
+    ``skip`` are ignored at any depth (settings that do not change the numbers)."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        out = []
+        for key in sorted(set(have) | set(want)):
+            if key not in skip:
+                out += differences(have.get(key), want.get(key), f"{path}.{key}" if path else str(key), skip)
+        return out
+    if isinstance(have, list) and isinstance(want, list) and len(have) == len(want):
+        return [d for i, (x, y) in enumerate(zip(have, want)) for d in differences(x, y, f"{path}[{i}]", skip)]
+    if have == want:
+        return []
+    short = lambda v: (repr(v) if len(repr(v)) <= 40 else f"<{type(v).__name__}, differs>")  # noqa: E731
+    return [f"{path} (cache: {short(have)}, run: {short(want)})"]

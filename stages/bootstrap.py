@@ -420,11 +420,9 @@ def save_heatmap(probe: dict[str, Any], path: Path, title: str,
                  holdout: list[tuple[int, int]] | None = None) -> None:
     """Depth x length heatmap of exact match, each cell annotated with exact match and the
     per-token accuracy; cells whose distance lies in a held-out band are starred."""
-    import matplotlib
+    from stages.evaluate.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     lengths = sorted({c["length"] for c in probe["cells"]})
     depths = sorted({c["depth"] for c in probe["cells"]})
     grid = [[0.0] * len(lengths) for _ in depths]

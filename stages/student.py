@@ -6,7 +6,6 @@ student with another vocabulary would silently learn a permutation of the wrong 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +15,10 @@ from stages.specs import TrainSpec
 
 def teacher_vocab_size(spec: TrainSpec) -> tuple[int, str]:
     """The teacher's output vocabulary and where it came from (for error messages)."""
-    if spec.teacher_model:
-        path = Path(spec.teacher_model) / "config.json"
-        if path.is_file():
-            raw = json.loads(path.read_text())
-            raw = raw.get("text_config", raw) if "vocab_size" not in raw else raw
-            if "vocab_size" in raw:
-                return int(raw["vocab_size"]), f"teacher.model {spec.teacher_model}"
+    if spec.teacher_model and (Path(spec.teacher_model) / "config.json").is_file():
+        from stages.teacher import teacher_vocab
+
+        return teacher_vocab(spec.teacher_model), f"teacher.model {spec.teacher_model}"
     from stages.tokenizer import load_tokenizer
 
     return len(load_tokenizer(spec.tokenizer)), f"data.tokenizer '{spec.tokenizer}'"

@@ -18,14 +18,13 @@ import torch
 from pipeline.config import TeacherConfig
 from pipeline.errors import UserError
 from pipeline.fingerprint import dir_identity
+from stages.tokenizer import TOKENIZER_FILES
 from stages.windows import position_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Files whose content decides the teacher's numbers (weights, architecture, RoPE parameters,
 # remote code). Tokenizer files are covered by the tokenizer identity instead.
 _IDENTITY_SUFFIXES = (".safetensors", ".bin", ".json", ".py", ".pt", ".gguf")
-_TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                    "merges.txt", "tokenizer.model", "vocab.txt", "added_tokens.json", "chat_template.jinja"}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -58,6 +57,20 @@ def model_inputs(input_ids: torch.Tensor, doc_starts: list[list[int]], mode: str
 # ----------------------------------------------------------------------------- loading
 
 
+def teacher_vocab(model: str) -> int:
+    """The teacher's output vocabulary, from its config.json (no weights loaded)."""
+    import json
+
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        raise UserError(f"teacher.model: '{model}' is not a Hugging Face model directory (no config.json)")
+    conf = json.loads(path.read_text())
+    vocab = conf.get("vocab_size") or conf.get("text_config", {}).get("vocab_size")
+    if not vocab:
+        raise UserError(f"teacher.model: {path} has no vocab_size")
+    return int(vocab)
+
+
 def teacher_identity(tcfg: TeacherConfig) -> dict[str, Any]:
     """What of the teacher changes cached numbers: its weights and config files, and dtype."""
     if not tcfg.model:
@@ -67,7 +80,7 @@ def teacher_identity(tcfg: TeacherConfig) -> dict[str, Any]:
         raise UserError(f"teacher.model: '{tcfg.model}' is not a Hugging Face model directory "
                         f"(no config.json)")
     files = [f for f in dir_identity(path)
-             if f["name"].endswith(_IDENTITY_SUFFIXES) and Path(f["name"]).name not in _TOKENIZER_FILES]
+             if f["name"].endswith(_IDENTITY_SUFFIXES) and Path(f["name"]).name not in TOKENIZER_FILES]
     return {"files": files, "dtype": tcfg.dtype, "trust_remote_code": tcfg.trust_remote_code}
 
 

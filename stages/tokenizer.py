@@ -17,6 +17,11 @@ BYTE_SPECIALS = ["<pad>", "<s>", "</s>", "<sep>"]  # ids 256, 257, 258, 259
 BYTE_VOCAB_SIZE = 256 + len(BYTE_SPECIALS)
 
 
+# The files that make a tokenizer (what its identity hashes; what makes a directory one).
+TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                             "merges.txt", "tokenizer.model", "vocab.txt", "added_tokens.json", "chat_template.jinja"})
+
+
 def build_byte_tokenizer() -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -59,6 +64,4 @@ def tokenizer_identity(spec: str) -> Any:
     path = Path(spec)
     if not path.is_dir():
         raise UserError(f"data.tokenizer: '{spec}' is neither 'byte' nor a tokenizer directory")
-    names = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-             "merges.txt", "tokenizer.model", "vocab.txt"}
-    return [f for f in dir_identity(path) if f["name"] in names]
+    return [f for f in dir_identity(path) if f["name"] in TOKENIZER_FILES]

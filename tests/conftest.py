@@ -10,6 +10,22 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `from helpers import ...`
 
+# Fault-injection hooks (tests/hooks/sitecustomize.py) in every process the tests start, and in
+# this one; production code never reads them.
+_HOOKS = str(Path(__file__).resolve().parent / "hooks")
+os.environ["POSDISTILL_TEST_HOOKS"] = "1"
+os.environ["PYTHONPATH"] = os.pathsep.join([_HOOKS, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+
+def _load_hooks() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("posdistill_test_hooks", Path(_HOOKS) / "sitecustomize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # installs the hooks (POSDISTILL_TEST_HOOKS is set above)
+
+
+_load_hooks()
+
 
 @pytest.fixture(scope="session")
 def ray_local():

@@ -28,3 +28,49 @@ def make_tiny_llama(dir: str | Path, seed: int = 0, **overrides: Any) -> Path:
     model.save_pretrained(out)
     build_byte_tokenizer().save_pretrained(out)
     return out
+
+
+# ----------------------------------------------------------------------------- stage runners
+# Tests drive single stages with the specs the graph would give them (pipeline.resolve).
+
+
+def phase_config(cfg: Any, phase: int | None) -> Any:
+    """``train.phases[phase]`` of a config without students (None: the top-level pack)."""
+    return None if phase is None else cfg.train.phases[phase]
+
+
+def pack_spec_of(cfg: Any, phase: int | None = None) -> Any:
+    from pipeline.resolve import pack_spec, phase_pack_spec
+
+    return pack_spec(cfg) if phase is None else phase_pack_spec(cfg, cfg.train.phases[phase])
+
+
+def build_pack(cfg: Any, phase: int | None = None) -> Path:
+    from pipeline.resolve import layout
+    from stages.pack import run_pack
+
+    spec = pack_spec_of(cfg, phase)
+    return run_pack(spec, layout(cfg).pack_dir(spec), verbose=False)
+
+
+def cache_spec_of(cfg: Any, phase: int | None = None) -> Any:
+    from pipeline.resolve import cache_spec
+
+    return cache_spec(cfg, pack_spec_of(cfg, phase))
+
+
+def cache_dir_of(cfg: Any, phase: int | None = None) -> Path:
+    from pipeline.resolve import layout
+
+    return layout(cfg).cache_dir(cache_spec_of(cfg, phase))
+
+
+def build_cache(cfg: Any, phase: int | None = None, executor: Any = None, force: bool = False,
+                verbose: bool = False, address: str | None = None) -> Path:
+    """Pack, then cache with ``executor`` (default: the Ray executor on ``address`` or embedded)."""
+    from cluster.executor import make_cache_executor
+    from stages.cache.stage import run_cache
+
+    spec = cache_spec_of(cfg, phase)
+    executor = executor or make_cache_executor(spec.teacher, spec.cache, address)
+    return run_cache(spec, build_pack(cfg, phase), cache_dir_of(cfg, phase), executor, force=force, verbose=verbose)

@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.config import parse_config
+from pipeline.resolve import analyze_spec
 from stages.analyze.perturb import perturbed, positions, repeated_window, run_probe, trace
 from stages.analyze.query_spans import analyze_spans, find_spans, pair_updates
 from stages.analyze.rope import inv_freq_of, rope_pairs, rotate_pairs
@@ -94,7 +95,7 @@ def test_repeated_window_layout():
 
 def test_zero_delta_gives_exactly_zero_change(lm, tmp_path):
     cfg = make_cfg(tmp_path)
-    res = run_probe(lm, cfg, verbose=False)
+    res = run_probe(lm, analyze_spec(cfg), verbose=False)
     rows = {r["delta"]: r for r in res["deltas"]}
     assert len(rows[0]["hidden_rel"]) == res["n_layers"] + 1 == 4
     for key in ("hidden_rel", "hidden_rel_copy", "kl", "kl_copy"):
@@ -108,7 +109,7 @@ def test_zero_delta_gives_exactly_zero_change(lm, tmp_path):
 
 def test_perturbing_one_layer_leaves_earlier_layers_alone(lm, tmp_path):
     cfg = make_cfg(tmp_path, layers=[1], deltas=[0, 8])
-    res = run_probe(lm, cfg, verbose=False)
+    res = run_probe(lm, analyze_spec(cfg), verbose=False)
     hr = res["deltas"][1]["hidden_rel"]
     assert hr[0] == 0.0 and hr[1] == 0.0  # embeddings, layer 0
     assert hr[2] > 1e-6 and hr[3] > 1e-6  # layer 1 is perturbed, layer 2 inherits it

@@ -12,6 +12,7 @@ import torch
 
 from pipeline.config import SyntheticConfig, parse_config
 from pipeline.errors import UserError
+from pipeline.resolve import bootstrap_spec
 from stages import bootstrap as B
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def tiny_cfg(tmp_path: Path, **boot):
 def test_few_steps_make_a_loadable_teacher_with_last_theta(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = B.run_bootstrap(tiny_cfg(tmp_path), str(tmp_path / "teacher"), progress=False)
+    out = B.run_bootstrap(bootstrap_spec(tiny_cfg(tmp_path)), tmp_path / "teacher", progress=False)
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     assert model.config.rope_parameters["rope_theta"] == 50000
     # The rotary frequencies were rebuilt for the last theta, not only the config field.
@@ -159,7 +160,8 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
     cfg = parse_config({"teacher": {"bootstrap": {"phases": [
         {"window_len": 64, "rope_theta": 1e4, "steps": 1}]}}})
     with pytest.raises(UserError, match="data.tokenizer"):
-        B.run_bootstrap(cfg.model_copy(update={"data": cfg.data.model_copy(update={"tokenizer": "x"})}))
+        B.run_bootstrap(bootstrap_spec(cfg.model_copy(update={"data": cfg.data.model_copy(update={"tokenizer": "x"})})),
+                        tmp_path / "never")
 
 
 def test_committed_teacher_retrieves_at_demo_window() -> None:

@@ -12,8 +12,9 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import make_tiny_llama
+from helpers import cache_dir_of, make_tiny_llama
 
+from pipeline.config import parse_config
 from stages.cache.manifest import read_manifest, read_plan
 from stages.cache.verify import check_shard, verify_cache
 
@@ -27,14 +28,17 @@ def _cli(cfg, env, **kw):
 def test_kill_driver_then_resume(tmp_path):
     teacher = make_tiny_llama(tmp_path / "teacher", initializer_range=0.2)
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({
+    cfg.write_text(yaml.safe_dump(raw := {
         "run": {"out_dir": str(tmp_path / "run")},
         "data": {"synthetic": {"num_docs": 120}},
         "pack": {"window_len": 128, "doc_len": [16, 64]},
         "teacher": {"model": str(teacher), "num_actors": 1},
         "cache": {"k": 4, "windows_per_shard": 3, "windows_per_row_group": 1},
     }))
-    env = {**os.environ, "POSDISTILL_FAULT": "sleep:0.3"}  # slow shards so the kill lands mid-job
+    fault = cache_dir_of(parse_config(raw)) / ".test-fault"  # tests/hooks/sitecustomize.py
+    fault.parent.mkdir(parents=True)
+    fault.write_text("sleep:0.3")  # slow shards so the kill lands mid-job
+    env = dict(os.environ)
     log = open(tmp_path / "first.log", "w")
     driver = _cli(cfg, env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
@@ -54,6 +58,7 @@ def test_kill_driver_then_resume(tmp_path):
             pass
 
     (out,) = (tmp_path / "run" / "cache").iterdir()
+    assert out == fault.parent
     plan = read_plan(out)
     assert not (out / "manifest.json").exists()
     visible = sorted(out.glob("shard-*.parquet"))
@@ -63,7 +68,7 @@ def test_kill_driver_then_resume(tmp_path):
         assert check_shard(shard, plan["fingerprint"], s["first_window"], s["rows"]) is None
     before = {p.name: p.stat().st_mtime_ns for p in visible}
 
-    env.pop("POSDISTILL_FAULT")
+    fault.unlink()
     rerun = _cli(cfg, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     text, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, text

@@ -8,13 +8,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import make_tiny_llama
+from helpers import build_cache, cache_dir_of, cache_spec_of, make_tiny_llama
 
 from pipeline.config import parse_config
 from pipeline.errors import UserError
 from stages.cache.manifest import read_manifest
 from stages.cache.reader import ShardReader, check_cache
-from stages.cache.stage import LocalExecutor, cache_dir_for, cache_identity, run_cache
+from cluster.executor import LocalExecutor
 from stages.cache.verify import verify_cache
 from stages.cache.writer import COMPLETE_KEY, FINGERPRINT_KEY
 from stages.teacher import load_teacher, model_inputs
@@ -42,12 +42,12 @@ def teacher(tmp_path_factory):
 def built(tmp_path_factory, teacher, ray_local):
     root = tmp_path_factory.mktemp("cache")
     cfg = make_cfg(root, teacher)
-    return cfg, run_cache(cfg, verbose=False)
+    return cfg, build_cache(cfg)
 
 
 def test_layout_schema_and_footers(built):
     cfg, out = built
-    assert out == cache_dir_for(cfg) and out.parent == cfg.cache_root
+    assert out == cache_dir_of(cfg) and out.parent == cfg.cache_root
     m = read_manifest(out)
     assert m["fingerprint"] == out.name and m["kind"] == "topk" and m["k"] == 8 and m["codec"] == "plain"
     assert (out / "config.json").is_file() and json.loads((out / "config.json").read_text())["cache"]["k"] == 8
@@ -89,7 +89,7 @@ def test_fingerprint_covers_teacher_packing_k_and_refuses_mismatch(built, teache
     cfg, out = built
     root = tmp_path
     base = make_cfg(root, teacher)
-    assert cache_dir_for(base).name == out.name  # cache.root is not part of the identity
+    assert cache_dir_of(base).name == out.name  # cache.root is not part of the identity
     other_teacher = make_tiny_llama(tmp_path / "t2", initializer_range=0.2, seed=1)
     changed = {
         "k": make_cfg(root, teacher, k=16),
@@ -98,29 +98,30 @@ def test_fingerprint_covers_teacher_packing_k_and_refuses_mismatch(built, teache
         "temperature": make_cfg(root, teacher, temperature=2.0),
         "codec": make_cfg(root, teacher, codec="compact"),
     }
-    names = {key: cache_dir_for(c).name for key, c in changed.items()}
+    names = {key: cache_dir_of(c).name for key, c in changed.items()}
     assert len(set(names.values()) | {out.name}) == len(names) + 1
     with pytest.raises(UserError, match=r"\bk \(cache: 8, run: 16\)"):
-        check_cache(out, cache_identity(changed["k"]))
+        check_cache(out, cache_spec_of(changed["k"]).identity())
     with pytest.raises(UserError, match="teacher.files"):
-        ShardReader(out, dp_rank=0, dp_size=1, seed=0, expected_fingerprint=cache_identity(changed["teacher"]))
+        ShardReader(out, dp_rank=0, dp_size=1, seed=0, expected_fingerprint=cache_spec_of(changed["teacher"]).identity())
     with pytest.raises(UserError, match="attention"):
-        check_cache(out, cache_identity(changed["packing"]))
-    assert check_cache(out, cache_identity(base))["fingerprint"] == out.name
+        check_cache(out, cache_spec_of(changed["packing"]).identity())
+    assert check_cache(out, cache_spec_of(base).identity())["fingerprint"] == out.name
 
 
 def test_rerun_skips_valid_shards(built, capsys):
     cfg, out = built
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
-    assert run_cache(cfg, executor=LocalExecutor()) == out  # an executor that would recompute, if asked
+    assert build_cache(cfg, executor=LocalExecutor(), verbose=True) == out  # would recompute, if asked
     assert "reusing" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")} == before
 
 
 def test_injected_actor_crash_is_retried(teacher, tmp_path, monkeypatch, ray_local, capsys):
-    monkeypatch.setenv("POSDISTILL_FAULT", "crash_once:1")
     cfg = make_cfg(tmp_path, teacher, windows_per_shard=12, codec="compact")
-    out = run_cache(cfg)
+    cache_dir_of(cfg).mkdir(parents=True)
+    (cache_dir_of(cfg) / ".test-fault").write_text("crash_once:1")  # tests/hooks/sitecustomize.py
+    out = build_cache(cfg, verbose=True)
     assert (out / ".fault-crashed-1").exists()  # the actor really died mid-shard 1
     assert "teacher actor died on shard 1; retrying" in capsys.readouterr().out
     assert verify_cache(out) == []
@@ -135,7 +136,7 @@ def test_truncated_shard_is_detected_and_exactly_it_regenerated(built):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and "shard-000003.parquet" in res.stderr and "shard-000002" not in res.stderr
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet") if p != bad}
-    run_cache(cfg, verbose=False)
+    build_cache(cfg)
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
     assert {k: after[k] for k in before} == before and after[bad.name] != 0
     assert verify_cache(out) == []
@@ -144,7 +145,7 @@ def test_truncated_shard_is_detected_and_exactly_it_regenerated(built):
 def test_force_rebuilds_everything(built):
     cfg, out = built
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
-    run_cache(cfg, force=True, executor=LocalExecutor(), verbose=False)
+    build_cache(cfg, force=True, executor=LocalExecutor())
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
     assert before.keys() == after.keys() and all(before[k] != after[k] for k in before)
     assert verify_cache(out) == []
@@ -165,7 +166,7 @@ def test_overlapping_shards_share_the_teacher_one_at_a_time(teacher, tmp_path, m
         return [(x["window_id"], x["ids"], x["logp"]) for x in ShardReader(out, dp_rank=0, dp_size=1, seed=0)]
 
     monkeypatch.setattr(stage, "SHARDS_IN_FLIGHT", 1)
-    one_at_a_time = targets(run_cache(make_cfg(tmp_path / "seq", teacher), executor=LocalExecutor(), verbose=False))
+    one_at_a_time = targets(build_cache(make_cfg(tmp_path / "seq", teacher), executor=LocalExecutor()))
     monkeypatch.undo()
 
     lock = threading.Lock()
@@ -191,7 +192,7 @@ def test_overlapping_shards_share_the_teacher_one_at_a_time(teacher, tmp_path, m
 
     monkeypatch.setattr(TeacherScorer, "hidden", counted_hidden)
     monkeypatch.setattr(CacheWriter, "close", slow_close)
-    out = run_cache(make_cfg(tmp_path / "overlap", teacher), executor=LocalExecutor(), verbose=False)
+    out = build_cache(make_cfg(tmp_path / "overlap", teacher), executor=LocalExecutor())
     assert seen["most"] == 1  # the teacher lock held
     assert seen["during_close"] >= 2  # forwards ran while other shards were closing
     assert verify_cache(out) == []
@@ -204,7 +205,7 @@ def test_overlapping_shards_share_the_teacher_one_at_a_time(teacher, tmp_path, m
 @pytest.mark.parametrize("codec", ["plain", "compact"])
 def test_sampled_cache_through_the_reader(teacher, tmp_path, codec):
     cfg = make_cfg(tmp_path, teacher, kind="sampled", samples=6, codec=codec)
-    out = run_cache(cfg, executor=LocalExecutor(), verbose=False)
+    out = build_cache(cfg, executor=LocalExecutor())
     assert verify_cache(out) == []
     model = load_teacher(cfg.teacher)
     item = next(iter(ShardReader(out, dp_rank=0, dp_size=1, seed=0)))
@@ -252,7 +253,7 @@ def test_attach_to_a_running_token_cluster(teacher, tmp_path):
         run = subprocess.run(cli + ["cache", str(path), "--address", "127.0.0.1:6433"],
                              env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-2000:]
-        out = cache_dir_for(cfg)
+        out = cache_dir_of(cfg)
         assert run.stdout.strip().endswith(str(out)) and verify_cache(out) == []
     finally:
         subprocess.run(cli + ["cluster", "down"], env=env, capture_output=True, timeout=120)

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from pipeline.config import parse_config
+from pipeline.resolve import eval_spec
 from stages.evaluate.models import LoadedModel
 from stages.evaluate.report import effective_length
 from stages.evaluate.retrieval import grid, score_probes
@@ -134,7 +135,7 @@ def test_perfect_copier_scores_100_and_random_model_near_chance(tok, tmp_path):
 
 def test_heatmap_shape_bounds_and_effective_length(tok, tmp_path):
     cfg = make_cfg(tmp_path, loss_windows=0)
-    out = run_eval(cfg, [LoadedModel("copier", InductionLM(), tok)], out=tmp_path / "ev", verbose=False)
+    out = run_eval(eval_spec(cfg), [LoadedModel("copier", InductionLM(), tok)], out=tmp_path / "ev", verbose=False)
     rep = json.loads((out / "eval.json").read_text())
     g = rep["models"][0]["tasks"]["passkey"]
     ex = np.asarray(g["exact"])
@@ -174,7 +175,7 @@ def test_eval_two_models_one_table(tmp_path):
         lb = m["loss_by_position"]
         assert len(lb["loss"]) == len(lb["bucket_edges"]) - 1 == 4
         assert all(3.0 < x < 8.0 for x in lb["loss"])  # random model: about ln(260) = 5.56
-    assert (out / "loss_by_position.png").is_file() and (out / "config.json").is_file()
+    assert (out / "loss_by_position.png").is_file() and (out / "spec.json").is_file()
     assert (out / "heatmap-student0.png").is_file() and (out / "heatmap-student1.png").is_file()
 
 

@@ -13,7 +13,9 @@ import yaml
 from pipeline.config import parse_config
 from pipeline.errors import UserError
 from pipeline.progress import Progress
-from stages.pack import PackStats, _chunks, _windows, iter_windows, pack_dir, pack_spec, position_ids, read_meta, run_pack, window_files
+from helpers import build_pack, pack_spec_of
+from stages.pack import PackStats, _chunks, _windows, read_meta, window_files
+from stages.windows import PackedWindows, position_ids
 from stages.tokenizer import build_byte_tokenizer
 
 
@@ -46,7 +48,7 @@ def test_chunking_keeps_order_and_drops_short(tmp_path):
     texts = ["a" * 10, "b" * 150, "c" * 2]  # +BOS: 11, 151 -> 64+64+23, 3 (dropped)
     cfg = _cfg(tmp_path, data={"source": str(_jsonl(tmp_path, texts))}, pack={"doc_len": [4, 64]})
     stats = PackStats()
-    got = [c.tolist() for c in _chunks(pack_spec(cfg), stats, Progress("t", None, enabled=False))]
+    got = [c.tolist() for c in _chunks(pack_spec_of(cfg), stats, Progress("t", None, enabled=False))]
     bos = build_byte_tokenizer().bos_token_id
     b = [bos] + [ord("b")] * 150
     assert got == [[bos] + [ord("a")] * 10, b[:64], b[64:128], b[128:]]
@@ -59,8 +61,8 @@ def test_token_conservation_end_to_end(tmp_path):
     # intact and in order, and only the stream's tail may be missing.
     texts = [f"{i:04d}" + "xyz"[i % 3] * (10 + (i * 37) % 50) for i in range(300)]
     cfg = _cfg(tmp_path, data={"source": str(_jsonl(tmp_path, texts))})
-    out = run_pack(cfg, pack_spec(cfg), verbose=False)
-    rows = list(iter_windows(out))
+    out = build_pack(cfg)
+    rows = list(PackedWindows(out).rows())
     stats = read_meta(out)["stats"]
     assert len(rows) == stats["windows"] > 0
     assert [r["window_id"] for r in rows] == list(range(len(rows)))
@@ -90,7 +92,7 @@ def test_position_ids_both_modes():
 
 def test_doc_starts_match_bos(tmp_path):
     cfg = _cfg(tmp_path)
-    rows = list(iter_windows(run_pack(cfg, pack_spec(cfg), verbose=False)))
+    rows = list(PackedWindows(build_pack(cfg)).rows())
     bos = build_byte_tokenizer().bos_token_id
     for r in rows:
         ids = r["input_ids"]
@@ -103,22 +105,22 @@ def test_doc_starts_match_bos(tmp_path):
 def test_deterministic_bytes_and_reuse(tmp_path):
     a = _cfg(tmp_path / "a")
     b = _cfg(tmp_path / "b")
-    out_a = run_pack(a, pack_spec(a), verbose=False)
-    out_b = run_pack(b, pack_spec(b), verbose=False)
+    out_a = build_pack(a)
+    out_b = build_pack(b)
     assert out_a.name == out_b.name  # same fingerprint
     digest = lambda d: [hashlib.sha256(f.read_bytes()).hexdigest() for f in window_files(d)]
     assert digest(out_a) == digest(out_b)
     mtime = (out_a / "pack.json").stat().st_mtime_ns
-    assert run_pack(a, pack_spec(a), verbose=False) == out_a
+    assert build_pack(a) == out_a
     assert (out_a / "pack.json").stat().st_mtime_ns == mtime
     c = _cfg(tmp_path / "a", run={"seed": 4})
-    assert pack_dir(c, pack_spec(c)) != out_a
+    assert build_pack(c) != out_a
 
 
 def test_doc_masked_has_fingerprint_of_its_own(tmp_path):
     a, b = _cfg(tmp_path), _cfg(tmp_path, pack={"mode": "doc_masked"})
-    assert pack_spec(a).fingerprint() != pack_spec(b).fingerprint()
-    out = run_pack(b, pack_spec(b), verbose=False)
+    assert pack_spec_of(a).fingerprint() != pack_spec_of(b).fingerprint()
+    out = build_pack(b)
     assert pq.read_metadata(window_files(out)[0]).metadata[b"posdistill.mode"] == b"doc_masked"
 
 
@@ -134,7 +136,7 @@ def test_sources_jsonl_txt_parquet_dataset(tmp_path):
                           (str(tmp_path / "p.parquet"), "body"), (str(tmp_path / "ds"), "text")]:
         cfg = _cfg(tmp_path / field / source.replace("/", "_")[-20:],
                    data={"source": source, "text_field": field}, pack={"doc_len": [16, 128]})
-        out = run_pack(cfg, pack_spec(cfg), verbose=False)
+        out = build_pack(cfg)
         results.append(read_meta(out)["stats"]["tokens_read"])
     assert results == [30 * 101 + 10 * 1 + 20 * 2] * 4  # BOS + 'x'*100 + the number's digits
 
@@ -142,7 +144,7 @@ def test_sources_jsonl_txt_parquet_dataset(tmp_path):
 def _fails(tmp_path, match, **over):
     cfg = _cfg(tmp_path, **over)
     with pytest.raises(UserError, match=match):
-        run_pack(cfg, pack_spec(cfg), verbose=False)
+        build_pack(cfg)
     # nothing half-written where a later stage would look
     assert not (tmp_path / "run" / "pack").exists() or not any(
         p.name[0] != "." for p in (tmp_path / "run" / "pack").iterdir())
@@ -181,9 +183,9 @@ def test_periodic_source_and_phase_doc_len(tmp_path):
                train={"phases": [{"window_len": 64, "steps": 1, "doc_len": [64, 64],
                                   "data": {"source": "periodic", "periodic": {"num_docs": 40, "period": [3, 9],
                                                                               "alphabet_size": 16}}}]})
-    spec = pack_spec(cfg, 0)
+    spec = pack_spec_of(cfg, 0)
     assert spec.pack.doc_len == (64, 64) and spec.pack.window_len == 64
-    rows = list(iter_windows(run_pack(cfg, spec, verbose=False)))
+    rows = list(PackedWindows(build_pack(cfg, 0)).rows())
     bos = build_byte_tokenizer().bos_token_id
     assert len(rows) == 40
     for r in rows:
@@ -196,10 +198,10 @@ def test_periodic_source_and_phase_doc_len(tmp_path):
     other = _cfg(tmp_path, train={"phases": [{"window_len": 64, "steps": 1, "doc_len": [64, 64],
                                                "data": {"source": "periodic", "periodic": {"num_docs": 40, "period": [3, 10],
                                                                                            "alphabet_size": 16}}}]})
-    assert pack_spec(other, 0).fingerprint() != spec.fingerprint()
+    assert pack_spec_of(other, 0).fingerprint() != spec.fingerprint()
     big = _cfg(tmp_path, train={"phases": [{"window_len": 64, "steps": 1, "doc_len": [64, 64],
                                              "data": {"source": "periodic", "periodic": {"alphabet_size": 4096}}}]})
     with pytest.raises(UserError, match="data.periodic.alphabet_size 4096"):
-        run_pack(big, pack_spec(big, 0), verbose=False)
+        build_pack(big, 0)
     with pytest.raises(Exception, match="doc_len max 128 exceeds window_len 64"):
         _cfg(tmp_path, train={"phases": [{"window_len": 64, "steps": 1, "doc_len": [8, 128]}]})

@@ -8,7 +8,8 @@ from pipeline.config import parse_config
 from pipeline.errors import UserError
 from stages.cache.manifest import MANIFEST_FILE
 from stages.cache.reader import ShardReader
-from stages.cache.stage import LocalExecutor, run_cache
+from cluster.executor import LocalExecutor
+from helpers import build_cache
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def cache(tmp_path_factory):
         "teacher": {"model": str(teacher)},
         "cache": {"k": 4, "windows_per_shard": 8, "windows_per_row_group": 2},
     })
-    return run_cache(cfg, executor=LocalExecutor(), verbose=False)
+    return build_cache(cfg, executor=LocalExecutor())
 
 
 def ids(stream):

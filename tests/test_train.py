@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import make_tiny_llama
+from helpers import build_cache, build_pack, cache_dir_of, make_tiny_llama
 
 from pipeline.config import parse_config
 from pipeline.errors import UserError
@@ -67,12 +67,12 @@ def _metrics(root: Path, name: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from stages.cache.stage import LocalExecutor, run_cache
+    from cluster.executor import LocalExecutor
 
     root = tmp_path_factory.mktemp("train")
     teacher = make_tiny_llama(root / "teacher", seed=1, initializer_range=0.2)
     base = _base(root, teacher)
-    run_cache(parse_config(base), 1, executor=LocalExecutor(), verbose=False)
+    build_cache(parse_config(base), 1, executor=LocalExecutor())  # `train` reuses it (no embedded Ray needed)
     return root, base
 
 
@@ -109,8 +109,8 @@ def test_zero2_run_metrics_checkpoints_and_rope(setup, zero2):
 def test_exported_model_loads_and_moved_toward_the_teacher(setup, zero2):
     from transformers import AutoModelForCausalLM
 
+    from pipeline.resolve import train_specs
     from stages.cache.reader import ShardReader
-    from stages.cache.stage import cache_dir_for
     from stages.rope import apply_rope, plan_phases
     from stages.student import build_student
     from stages.teacher import model_inputs
@@ -119,8 +119,8 @@ def test_exported_model_loads_and_moved_toward_the_teacher(setup, zero2):
     cfg = parse_config(_variant(base, "zero2"))
     out = root / "run" / "train" / "zero2" / "model"
     trained = AutoModelForCausalLM.from_pretrained(out).eval()
-    init, fresh = build_student(cfg)
-    plan = plan_phases(cfg.train.phases, init.config, fresh)
+    init, fresh = build_student(train_specs(cfg)[0])
+    plan = plan_phases(list(train_specs(cfg)[0].phases), init.config, fresh)
     assert trained.config.rope_parameters == plan[-1]  # the last phase's RoPE travels with the export
     apply_rope(init, plan[-1], 128)
     init.eval()
@@ -128,7 +128,7 @@ def test_exported_model_loads_and_moved_toward_the_teacher(setup, zero2):
 
     def kl(model) -> float:  # full-vocabulary KL(teacher || model) on cached windows
         total = 0.0
-        for i, row in zip(range(8), ShardReader(cache_dir_for(cfg, 1), dp_rank=0, dp_size=1, seed=0)):
+        for i, row in zip(range(8), ShardReader(cache_dir_of(cfg, 1), dp_rank=0, dp_size=1, seed=0)):
             kw = model_inputs(row["input_ids"].long()[None], [row["doc_starts"].tolist()], "cross_doc")
             with torch.no_grad():
                 lt = torch.log_softmax(teacher(**kw).logits, -1)
@@ -162,9 +162,10 @@ def test_kill_then_resume_continues_exactly(setup, zero2):
     name = "killed"
     path = _write(_variant(base, name), root / "killed.yaml")
     marker = root / "run" / "train" / name / "checkpoints" / "step-00000004" / "complete"
+    marker.parents[2].mkdir(parents=True)
+    (marker.parents[2] / ".test-step-delay").write_text("0.5")  # tests/hooks/sitecustomize.py
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(path)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "POSDISTILL_STEP_DELAY": "0.5"})
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while not marker.is_file() and proc.poll() is None and time.monotonic() < deadline:
@@ -203,36 +204,41 @@ def test_sequence_parallel_matches_a_single_rank(setup):
 # ----------------------------------------------------------------------------- bad input
 
 
-def test_missing_or_stale_cache_names_the_fields(setup):
+def _preflight(raw: dict, world: int) -> None:
+    """The training preflight on the inputs the graph would hand it (caches not built)."""
+    from pipeline.resolve import layout, train_specs
     from stages.train.plan import preflight
 
+    cfg = parse_config(raw)
+    spec, lay = train_specs(cfg)[0], layout(cfg)
+    inputs = {ph.index: lay.cache_dir(ph.cache) if ph.cache else build_pack(cfg, ph.index) for ph in spec.phases}
+    preflight(spec, inputs, world)
+
+
+def test_missing_or_stale_cache_names_the_fields(setup):
     root, base = setup
     cfg = copy.deepcopy(base)
     cfg["cache"]["k"] = 4  # the cache on disk was computed with k=8
     with pytest.raises(UserError, match=r"posdistill cache.*stale.*\bk \(cache: 8, run: 4\)"):
-        preflight(parse_config(cfg), 2)
+        _preflight(cfg, 2)
     cfg = copy.deepcopy(base)
     cfg["train"]["phases"][1]["window_len"] = 96  # no cache was computed for this window
     with pytest.raises(UserError, match=r"phases\[1\].*window_len \(cache: 128, run: 96\)"):
-        preflight(parse_config(cfg), 2)
+        _preflight(cfg, 2)
 
 
 def test_vocab_mismatch_names_both_sizes(setup, tmp_path):
-    from stages.train.plan import preflight
-
     _, base = setup
     cfg = copy.deepcopy(base)
     cfg["student"] = {"init": str(make_tiny_llama(tmp_path / "big", vocab_size=300))}
     with pytest.raises(UserError, match=r"300 tokens.*260"):
-        preflight(parse_config(cfg), 2)
+        _preflight(cfg, 2)
 
 
 def test_batch_geometry_steps_and_zero_stage_are_checked(setup):
-    from stages.train.plan import preflight
-
     _, base = setup
     with pytest.raises(UserError, match=r"train.batch_size 2 is not divisible .* 1 x 3"):
-        preflight(parse_config(base), 3)
+        _preflight(base, 3)
     bad = copy.deepcopy(base)
     bad["train"]["phases"][0]["steps"] = 0
     with pytest.raises(UserError, match=r"train.phases\[0\].steps: .*greater than 0"):
@@ -243,16 +249,15 @@ def test_batch_geometry_steps_and_zero_stage_are_checked(setup):
         parse_config(bad)
 
 
-def test_cli_bad_input_exits_2_before_starting_ranks(setup):
+def test_cli_bad_input_exits_2_before_starting_ranks(setup, tmp_path):
     root, base = setup
     cfg = _variant(base, "never")
-    cfg["cache"]["k"] = 4
+    cfg["student"] = {"init": str(make_tiny_llama(tmp_path / "big", vocab_size=300)), "name": "never"}
     proc = _train(_write(cfg, root / "bad.yaml"))
-    assert proc.returncode == 2 and "differing fields" in proc.stderr
-    from stages.train.launch import run_training
-
-    with pytest.raises(UserError, match="--resume: no complete checkpoint"):
-        run_training(parse_config(_variant(base, "fresh")), resume=True)
+    assert proc.returncode == 2 and "300 tokens" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (root / "run" / "train" / "never" / "checkpoints").exists()  # no rank started
+    proc = _train(_write(_variant(base, "fresh"), root / "fresh.yaml"), "--resume")
+    assert proc.returncode == 2 and "--resume: train fresh: no complete checkpoint" in proc.stderr
 
 
 def test_ray_train_launcher(setup):

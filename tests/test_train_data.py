@@ -7,17 +7,18 @@ import pytest
 import torch
 
 from pipeline.config import KDConfig, parse_config
-from stages.train.data import EpochStream, PackedWindowReader, Prefetcher, batches, collate
+from stages.train.data import EpochStream, Prefetcher, batches, collate
+from stages.windows import RankWindows
 
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
-    from stages.pack import pack_spec, run_pack
+    from helpers import build_pack
 
     cfg = parse_config({"run": {"out_dir": str(tmp_path_factory.mktemp("pack")), "seed": 3},
                         "data": {"source": "synthetic", "synthetic": {"num_docs": 200}},
                         "pack": {"window_len": 64, "doc_len": [8, 32], "mode": "doc_masked"}})
-    return run_pack(cfg, pack_spec(cfg), verbose=False)
+    return build_pack(cfg)
 
 
 def _ids(items):
@@ -25,18 +26,18 @@ def _ids(items):
 
 
 def test_ranks_split_the_windows_and_epochs_reshuffle(packed):
-    r0 = PackedWindowReader(packed, dp_rank=0, dp_size=2, seed=0)
-    r1 = PackedWindowReader(packed, dp_rank=1, dp_size=2, seed=0)
+    r0 = RankWindows(packed, dp_rank=0, dp_size=2, seed=0)
+    r1 = RankWindows(packed, dp_rank=1, dp_size=2, seed=0)
     a, b = _ids(r0), _ids(r1)
     assert len(a) == len(b) > 0 and not set(a) & set(b)
-    again = _ids(PackedWindowReader(packed, dp_rank=0, dp_size=2, seed=0))
-    other_epoch = _ids(PackedWindowReader(packed, dp_rank=0, dp_size=2, seed=0, epoch=1))
+    again = _ids(RankWindows(packed, dp_rank=0, dp_size=2, seed=0))
+    other_epoch = _ids(RankWindows(packed, dp_rank=0, dp_size=2, seed=0, epoch=1))
     assert a == again and sorted(a + b) == sorted(other_epoch + _ids(
-        PackedWindowReader(packed, dp_rank=1, dp_size=2, seed=0, epoch=1)))
+        RankWindows(packed, dp_rank=1, dp_size=2, seed=0, epoch=1)))
 
 
 def test_stream_state_resumes_exactly_across_epochs(packed):
-    make = lambda e: PackedWindowReader(packed, dp_rank=0, dp_size=1, seed=0, epoch=e)  # noqa: E731
+    make = lambda e: RankWindows(packed, dp_rank=0, dp_size=1, seed=0, epoch=e)  # noqa: E731
     n = len(make(0))
     full = EpochStream(make)
     reference = [next(full)["window_id"] for _ in range(n + 5)]
@@ -49,7 +50,7 @@ def test_stream_state_resumes_exactly_across_epochs(packed):
 
 
 def test_prefetcher_state_is_that_of_the_last_consumed_batch(packed):
-    make = lambda e: PackedWindowReader(packed, dp_rank=0, dp_size=1, seed=0, epoch=e)  # noqa: E731
+    make = lambda e: RankWindows(packed, dp_rank=0, dp_size=1, seed=0, epoch=e)  # noqa: E731
     kw = dict(mode="doc_masked", window_len=64, sp=1, sp_rank=0, with_targets=False)
     pf = Prefetcher(batches(EpochStream(make), 2, **kw), depth=4)
     first = [next(pf) for _ in range(3)]

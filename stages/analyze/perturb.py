@@ -41,6 +41,7 @@ from pipeline.errors import UserError
 from pipeline.progress import Progress
 from stages.analyze.rope import head_dim_of, rotate_pairs
 from stages.evaluate.models import LoadedModel, load_model, model_device, split_model
+from stages.evaluate.report import pyplot
 from stages.evaluate.tasks import Haystack
 from stages.specs import AnalyzeSpec, EvalSpec, spec_to_dict
 
@@ -239,17 +240,8 @@ def run_probe(lm: LoadedModel, spec: AnalyzeSpec, pc: PerturbConfig | None = Non
 # ----------------------------------------------------------------------------- plots and the command
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def save_plots(res: dict[str, Any], out: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     rows = res["deltas"]
     layers = np.arange(res["n_layers"] + 1)
     cmap = plt.get_cmap("viridis")

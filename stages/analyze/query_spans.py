@@ -29,6 +29,7 @@ import torch
 from pipeline.atomic import atomic_dir
 from pipeline.errors import UserError
 from stages.analyze.rope import head_dim_of, inv_freq_of, wavelengths
+from stages.evaluate.report import pyplot
 
 QK_RE = re.compile(r"layers\.(\d+)\.self_attn\.([qk])_proj\.weight$")
 SPANS_JSON = "query_spans.json"
@@ -160,17 +161,8 @@ def analyze_spans(before: str | Path, after: str | Path, windows: list[int], top
     return res
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def save_plot(res: dict[str, Any], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     wl = np.asarray(res["wavelength_after"])
     fig, axes = plt.subplots(2, 2, figsize=(12, 7.5))
     for col, proj in enumerate(("q", "k")):

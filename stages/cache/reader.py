@@ -31,20 +31,9 @@ import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset
 
 from pipeline.errors import UserError
+from pipeline.fingerprint import differences
 from stages.cache.codec import codec_from_footer, flat_values
 from stages.cache.manifest import read_manifest
-
-
-def differences(have: Any, want: Any, path: str = "") -> list[str]:
-    if isinstance(have, dict) and isinstance(want, dict):
-        out = []
-        for key in sorted(set(have) | set(want)):
-            out += differences(have.get(key), want.get(key), f"{path}.{key}" if path else str(key))
-        return out
-    if have == want:
-        return []
-    short = lambda v: (repr(v) if len(repr(v)) <= 40 else f"<{type(v).__name__}, differs>")  # noqa: E731
-    return [f"{path} (cache: {short(have)}, run: {short(want)})"]
 
 
 def check_cache(cache_dir: str | Path, expected_identity: dict[str, Any]) -> dict[str, Any]:

@@ -184,19 +184,6 @@ def _exclusive(cache_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def teacher_vocab(model: str) -> int:
-    import json
-
-    path = Path(model) / "config.json"
-    if not path.is_file():
-        raise UserError(f"teacher.model: '{model}' is not a Hugging Face model directory (no config.json)")
-    conf = json.loads(path.read_text())
-    vocab = conf.get("vocab_size") or conf.get("text_config", {}).get("vocab_size")
-    if not vocab:
-        raise UserError(f"teacher.model: {path} has no vocab_size")
-    return int(vocab)
-
-
 def _check_vocab(data_tokenizer: str, vocab: int) -> None:
     from stages.tokenizer import load_tokenizer
 
@@ -208,6 +195,8 @@ def _check_vocab(data_tokenizer: str, vocab: int) -> None:
 
 def build_job(spec: CacheSpec, pack_dir: Path, cache_dir: Path, fp: str) -> CacheJob:
     windows = PackedWindows(pack_dir)
+    from stages.teacher import teacher_vocab
+
     vocab = teacher_vocab(spec.teacher.model)
     _check_vocab(spec.pack.data.tokenizer, vocab)
     return CacheJob(

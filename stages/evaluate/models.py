@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from pipeline.errors import UserError
+from stages.teacher import DTYPES
+from stages.tokenizer import TOKENIZER_FILES
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 @dataclass
@@ -38,7 +38,7 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def has_tokenizer(path: str | Path) -> bool:
-    return any((Path(path) / f).is_file() for f in _TOKENIZER_FILES)
+    return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
 
 
 def load_model(path: str | Path, dtype: str = "float32", device: str = "auto",
@@ -57,7 +57,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "auto",
         raise UserError(f"--model: '{path}' is not a Hugging Face model directory (no config.json)")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(p), dtype=_DTYPES[dtype], local_files_only=True, trust_remote_code=False)
+            str(p), dtype=DTYPES[dtype], local_files_only=True, trust_remote_code=False)
     except Exception as err:  # transformers raises many types for "not a model"
         raise UserError(f"--model: cannot load '{path}' ({type(err).__name__}: "
                         f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None

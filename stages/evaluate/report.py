@@ -26,7 +26,8 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on cluster nodes)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,7 +38,7 @@ def _plt():
 
 def save_heatmap(result: dict[str, Any], path: Path) -> None:
     """One panel per task: exact match, rows = needle depth, columns = context length."""
-    plt = _plt()
+    plt = pyplot()
     tasks = list(result["tasks"])
     fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(1.2 + 4.2 * max(len(tasks), 1), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -65,7 +66,7 @@ def save_loss_plot(results: list[dict[str, Any]], path: Path) -> bool:
     curves = [(r["name"], r["loss_by_position"]) for r in results if r.get("loss_by_position")]
     if not curves:
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for name, lb in curves:
         edges = np.asarray(lb["bucket_edges"], dtype=float)

@@ -81,7 +81,7 @@ def evaluate_model(spec: EvalSpec, lm: LoadedModel, probes: dict[str, list[Probe
     return result
 
 
-def run_eval(spec: EvalSpec, models: dict[str, str] | list[str], out: str | Path,
+def run_eval(spec: EvalSpec, models: dict[str, str] | list[str | LoadedModel], out: str | Path,
              heldout_dir: str | Path | None = None, verbose: bool = True) -> Path:
     """Evaluate every model (name -> directory, or directories) on the same probes and on the
     first ``eval.loss_windows`` held-out windows of ``heldout_dir``; write the report to
@@ -93,7 +93,8 @@ def run_eval(spec: EvalSpec, models: dict[str, str] | list[str], out: str | Path
     ev = spec.eval
     out = Path(out)
     paths = list(models.values()) if isinstance(models, dict) else list(models)
-    names = list(models) if isinstance(models, dict) else unique_names(paths)
+    names = list(models) if isinstance(models, dict) else unique_names(
+        [m.name if isinstance(m, LoadedModel) else m for m in paths])
     probe_sets = ProbeSet(spec)
 
     loss_rows, data_tok_key = None, None
@@ -105,16 +106,17 @@ def run_eval(spec: EvalSpec, models: dict[str, str] | list[str], out: str | Path
 
     results = []
     for m, name in zip(paths, names):
-        lm = load_model(m, ev.dtype, ev.device, spec.tokenizer, name=name)
+        lm = m if isinstance(m, LoadedModel) else load_model(m, ev.dtype, ev.device, spec.tokenizer, name=name)
         rows = loss_rows
         if rows and _tokenizer_key(lm.tokenizer) != data_tok_key:
             rows = None  # held-out windows are in data.tokenizer's ids, not this model's
             if verbose:
                 print(f"eval: {lm.name}: its tokenizer differs from data.tokenizer; loss by position skipped")
         results.append(evaluate_model(spec, lm, probe_sets.get(lm.tokenizer), rows, verbose))
-        del lm
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        if not isinstance(m, LoadedModel):
+            del lm
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     report = {
         "models": results,

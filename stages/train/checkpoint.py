@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from pipeline.atomic import atomic_write_bytes, atomic_write_json
 from pipeline.errors import UserError
+from pipeline.fingerprint import differences
 
 MARKER = "complete"
 STATE = "state.json"
@@ -66,18 +67,6 @@ class ResumePoint:
     data_states: list[Any]
 
 
-def _diff(a: Any, b: Any, path: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            if k in RESUME_FREE_KEYS:
-                continue
-            out += _diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)
-        return out
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _diff(x, y, f"{path}[{i}]")]
-    return [] if a == b else [path]
-
 
 class Checkpointer:
     def __init__(self, root: Path, rank: int, world: int, keep: int, identity: dict[str, Any]):
@@ -116,7 +105,7 @@ class Checkpointer:
         if meta["world_size"] != self.world:
             raise UserError(f"{tag} was written by {meta['world_size']} ranks, this run has {self.world}: "
                             f"resume with the same train.workers / train.sequence_parallel")
-        differ = _diff(meta.get("identity", {}), self.identity)
+        differ = differences(meta.get("identity", {}), self.identity, skip=RESUME_FREE_KEYS)
         if differ:
             raise UserError(f"{tag} was written with a different config ({', '.join(differ[:8])}); "
                             f"use another student.name / run.out_dir, or delete {self.root}")

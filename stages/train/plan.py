@@ -78,7 +78,8 @@ def check_phase_cache(phase: PhaseSpec, path: Path) -> Path:
     """
     import json
 
-    from stages.cache.reader import check_cache, differences
+    from pipeline.fingerprint import differences
+    from stages.cache.reader import check_cache
 
     where = f"phases[{phase.index}] ({phase.name})"
     assert phase.cache is not None

@@ -1,0 +1,65 @@
+"""Test-only fault injection, loaded into every process a test starts (the CLI, Ray workers,
+training ranks) because tests/conftest.py puts this folder on PYTHONPATH and sets
+POSDISTILL_TEST_HOOKS=1. Production code reads nothing of this: the hooks wrap stage
+functions from outside, and each fault is a file in the output directory, so it reaches
+whichever process does the work.
+
+``<cache dir>/.test-fault``: comma-separated ``crash_once:<shard>`` (the worker process dies
+right after writing the first row group of that shard, once: a ``.fault-crashed-<shard>``
+marker remembers it) and ``sleep:<seconds>`` (after every row group).
+``<run dir>/.test-step-delay``: seconds to sleep after every optimizer step.
+"""
+
+import os
+
+
+def _install() -> None:
+    import time
+    from pathlib import Path
+
+    import stages.cache.writer as writer
+    import stages.train.loop as loop
+
+    write = writer.CacheWriter.write
+
+    def faulty_write(self, *args, **kwargs):
+        out = write(self, *args, **kwargs)
+        spec = self.final.parent / ".test-fault"
+        if spec.is_file():
+            index = int(self.final.name.split("-")[1].split(".")[0])
+            for part in filter(None, spec.read_text().strip().split(",")):
+                kind, _, arg = part.partition(":")
+                if kind == "sleep":
+                    time.sleep(float(arg))
+                elif kind == "crash_once" and int(arg) == index:
+                    marker = self.final.parent / f".fault-crashed-{index}"
+                    if not marker.exists():
+                        marker.touch()
+                        os._exit(1)
+        return out
+
+    writer.CacheWriter.write = faulty_write
+
+    train, step = loop.train, loop.train_step
+
+    def slowed_train(spec, inputs, run, *args, **kwargs):
+        delay_file = Path(run) / ".test-step-delay"
+        if delay_file.is_file():
+            delay = float(delay_file.read_text())
+
+            def slow_step(*a, **k):
+                out = step(*a, **k)
+                time.sleep(delay)
+                return out
+
+            loop.train_step = slow_step
+        return train(spec, inputs, run, *args, **kwargs)
+
+    loop.train = slowed_train
+
+
+if os.environ.get("POSDISTILL_TEST_HOOKS") == "1":
+    try:
+        _install()
+    except ImportError:  # a process without the project on its path
+        pass
