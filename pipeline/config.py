@@ -309,16 +309,27 @@ class RopeConfig(Strict):
         return v
 
 
+KDLoss = Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl"]
+
+
 class KDConfig(Strict):
     alpha: float = Field(1.0, ge=0.0, le=1.0)  # 1: pure KD, 0: plain next-token CE
     temperature: float = Field(1.0, gt=0)
     tail: Literal["bucket", "renormalize"] = "bucket"
+    # The divergence (definitions in stages/kd_loss.py); sampled caches take forward_kl only.
+    loss: KDLoss = "forward_kl"
+    beta: float = Field(0.5, gt=0.0, lt=1.0)  # the mixture weight of jsd and skew_kl
+    # temperature may differ from the cache's temperature only when this says so
+    allow_temperature_mismatch: bool = False
 
 
 class KDOverride(Strict):
     alpha: float | None = Field(None, ge=0.0, le=1.0)
     temperature: float | None = Field(None, gt=0)
     tail: Literal["bucket", "renormalize"] | None = None
+    loss: KDLoss | None = None
+    beta: float | None = Field(None, gt=0.0, lt=1.0)
+    allow_temperature_mismatch: bool | None = None
 
 
 class PhaseConfig(Strict):
