@@ -294,7 +294,8 @@ class StudentConfig(Strict):
 
 
 class RopeConfig(Strict):
-    theta: float | Literal["auto"] = "auto"
+    # auto: continuous critical-dimension scaling; auto_discrete: whole pairs (stages/rope.py)
+    theta: float | Literal["auto", "auto_discrete"] = "auto"
     type: Literal["default", "linear", "dynamic", "yarn", "longrope", "llama3"] = "default"
     factor: float | None = Field(None, gt=0)
     original_max_position_embeddings: int | None = Field(None, gt=0)
@@ -305,7 +306,7 @@ class RopeConfig(Strict):
     @classmethod
     def _positive(cls, v: float | str) -> float | str:
         if not isinstance(v, str) and v <= 1:
-            raise ValueError("must be > 1 or 'auto'")
+            raise ValueError("must be > 1, 'auto' or 'auto_discrete'")
         return v
 
 
