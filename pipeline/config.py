@@ -294,7 +294,8 @@ class StudentConfig(Strict):
 
 
 class RopeConfig(Strict):
-    theta: float | Literal["auto"] = "auto"
+    # auto: continuous critical-dimension scaling; auto_discrete: whole pairs (stages/rope.py)
+    theta: float | Literal["auto", "auto_discrete"] = "auto"
     type: Literal["default", "linear", "dynamic", "yarn", "longrope", "llama3"] = "default"
     factor: float | None = Field(None, gt=0)
     original_max_position_embeddings: int | None = Field(None, gt=0)
@@ -305,20 +306,31 @@ class RopeConfig(Strict):
     @classmethod
     def _positive(cls, v: float | str) -> float | str:
         if not isinstance(v, str) and v <= 1:
-            raise ValueError("must be > 1 or 'auto'")
+            raise ValueError("must be > 1, 'auto' or 'auto_discrete'")
         return v
+
+
+KDLoss = Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl"]
 
 
 class KDConfig(Strict):
     alpha: float = Field(1.0, ge=0.0, le=1.0)  # 1: pure KD, 0: plain next-token CE
     temperature: float = Field(1.0, gt=0)
     tail: Literal["bucket", "renormalize"] = "bucket"
+    # The divergence (definitions in stages/kd_loss.py); sampled caches take forward_kl only.
+    loss: KDLoss = "forward_kl"
+    beta: float = Field(0.5, gt=0.0, lt=1.0)  # the mixture weight of jsd and skew_kl
+    # temperature may differ from the cache's temperature only when this says so
+    allow_temperature_mismatch: bool = False
 
 
 class KDOverride(Strict):
     alpha: float | None = Field(None, ge=0.0, le=1.0)
     temperature: float | None = Field(None, gt=0)
     tail: Literal["bucket", "renormalize"] | None = None
+    loss: KDLoss | None = None
+    beta: float | None = Field(None, gt=0.0, lt=1.0)
+    allow_temperature_mismatch: bool | None = None
 
 
 class PhaseConfig(Strict):

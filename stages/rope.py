@@ -10,22 +10,32 @@ pretrained student) of window L0 with base theta0:
     theta = max( theta0 ** (ln(L / 2pi) / ln(L0 / 2pi)),      # critical-dimension scaling
                  lower_bound(L, d) )                          # base lower bound
 
-1. Critical-dimension scaling (Liu et al. 2023, "Scaling laws of RoPE-based extrapolation"):
-   the number of pairs that complete a full rotation within the window,
-   floor((d/2) * ln(L/2pi) / ln(theta)) + 1, stays what it was in the previous phase, so
-   each phase uses the same share of the rotational spectrum at its own window (the seed
-   paper's principle). The rule composes: scaling 256 -> 1024 -> 4096 equals 256 -> 4096.
+1. Critical-dimension scaling, continuous (Liu et al. 2023, "Scaling laws of RoPE-based
+   extrapolation"): theta_new = theta_old ^ (log(L_new/2pi) / log(L_old/2pi)). It keeps
+   x = (d/2) * log_theta(L/2pi), the (fractional) number of pairs whose wavelength
+   2pi * theta^(2i/d) fits in the window, the same as in the previous phase, so each phase
+   uses the same share of the rotational spectrum at its own window (the seed paper's
+   principle). The rule composes: scaling 256 -> 1024 -> 4096 equals 256 -> 4096.
+   ``rope.theta: auto_discrete`` is the discrete variant (see :func:`discrete_scaled_theta`):
+   it rounds x up to whole pairs, the critical dimension
+   d_c = 2 * ceil((d/2) * log_theta_old(L_old/2pi)), and puts the wavelength of pair d_c/2
+   (the first pair that did not complete a turn in L_old) exactly at L_new:
+   theta_new = (L_new/2pi) ^ (d/d_c). The same lower bound applies to both.
 2. Lower bound (Men et al. 2024, "Base of RoPE bounds context length"): the smallest base
-   for which B(m) = sum_i cos(m * theta^(-2i/d)) >= 0 for every distance m in [0, L]
-   (found by an upward scan over theta, like the paper; d = 128 gives 8K -> 8.4e4,
-   32K -> 6.3e5). Below it, attention can no longer prefer a similar token far away.
+   for which B(m) = sum_i cos(m * theta^(-2i/d)) >= 0 for every distance m in [0, L]. Below
+   it, attention can no longer prefer a similar token far away. The condition is not
+   monotone in theta (narrow passing islands lie below wide failing stretches), so the bound
+   is the smallest passing point of a fixed log grid theta_j = 2 * 1.001^j (0.1% steps),
+   refined by bisection to 1e-4 inside the bracket (theta_{j-1}, theta_j]; d = 128 gives
+   4K -> 2.70e4, 8K -> 8.38e4, 32K -> 6.30e5, 64K -> 2.09e6, 128K -> 4.87e6. A 1% grid
+   steps over islands (it gives 2.87e4, 8.41e4, 9.44e5, 2.24e6, 8.77e6).
 
 The first phase is anchored on the student itself: ``rope_theta`` and
 ``max_position_embeddings`` of ``student.init`` (``original_max_position_embeddings`` when
 its config already carries a scaling type), or 1e4 at 4096 (Llama 2) for a student built
 from ``student.config``. With a scaling type (linear, dynamic, yarn, longrope,
-llama3) ``theta: auto`` keeps the previous base and lets the scaling do the extension;
-``factor`` defaults to L / original_max_position_embeddings (the previous window).
+llama3) ``theta: auto`` (or ``auto_discrete``) keeps the previous base and lets the scaling
+do the extension; ``factor`` defaults to L / original_max_position_embeddings (the previous window).
 
 transformers computes the rotary frequencies when the model is built; changing
 ``config.rope_parameters`` afterwards changes nothing, so :func:`apply_rope` rebuilds
@@ -67,36 +77,99 @@ def scaled_theta(theta0: float, len0: int, length: int) -> float:
     return float(theta0 ** (a / b))
 
 
-def _bmin_is_nonnegative(theta: float, length: int, head_dim: int, chunk: int = 4096) -> bool:
-    freqs = theta ** (-2.0 * np.arange(head_dim // 2) / head_dim)  # [d/2]
-    for start in range(0, length + 1, chunk):
-        m = np.arange(start, min(length + 1, start + chunk), dtype=np.float64)  # [chunk]
-        if np.cos(np.outer(m, freqs)).sum(1).min() < 0:  # B(m) over the chunk
+GRID_START, GRID_RATIO = 2.0, 1.001  # the lower bound's log grid: theta_j = 2 * 1.001^j
+_GRID_END = 1e15
+
+
+class _BoundCheck:
+    """B(m) >= 0 on [0, length] for one theta at a time, for an upward scan over theta.
+
+    A failing theta usually fails where a nearby one failed, so the distances m where recent
+    thetas went negative are checked first, then the chunks of m in most-recently-failed
+    order; a pass still evaluates every m (the answer is exact, only the order is a guess)."""
+
+    def __init__(self, length: int, head_dim: int, chunk: int = 2048):
+        self.exponents = -2.0 * np.arange(head_dim // 2) / head_dim  # [d/2]
+        self.length, self.chunk = length, chunk
+        self.witnesses = np.zeros(0)  # [<= 256] distances where a recent theta failed
+        self.order = list(range(0, length + 1, chunk))  # chunk starts
+
+    def passes(self, theta: float) -> bool:
+        freqs = theta ** self.exponents  # [d/2]
+        if self.witnesses.size and np.cos(np.outer(self.witnesses, freqs)).sum(1).min() < 0:
             return False
-    return True
+        for k, start in enumerate(self.order):
+            m = np.arange(start, min(self.length + 1, start + self.chunk), dtype=np.float64)  # [chunk]
+            b = np.cos(np.outer(m, freqs)).sum(1)  # B(m) over the chunk
+            i = int(b.argmin())
+            if b[i] < 0:
+                self.witnesses = np.append(self.witnesses[-255:], m[i])
+                self.order.insert(0, self.order.pop(k))
+                return False
+        return True
+
+
+def grid_theta(j: int) -> float:
+    """The j-th point of the lower bound's grid (computed directly, not by repeated products)."""
+    return GRID_START * math.exp(j * math.log(GRID_RATIO))
 
 
 @lru_cache(maxsize=64)
 def theta_lower_bound(length: int, head_dim: int) -> float:
-    """Smallest base with B(m) >= 0 on [0, length], by an upward scan (24 steps per decade,
-    then 16 between the last failure and the first success)."""
-    step = math.log(10) / 24
-    prev = math.log(2.0)
-    x = prev
-    while x < math.log(1e15):
-        if _bmin_is_nonnegative(math.exp(x), length, head_dim):
-            break
-        prev, x = x, x + step
-    else:
-        return 1e15
-    for y in np.linspace(prev, x, 17)[1:]:
-        if _bmin_is_nonnegative(math.exp(y), length, head_dim):
-            return float(math.exp(y))
-    return float(math.exp(x))
+    """Smallest base with B(m) >= 0 on [0, length]: the first passing point theta_j of the
+    log grid, then bisection (in log theta, to 1e-4) between theta_{j-1}, which fails, and
+    theta_j, which passes; the result is a passing theta in (theta_{j-1}, theta_j]."""
+    check = _BoundCheck(length, head_dim)
+    j = 0
+    while not check.passes(grid_theta(j)):
+        j += 1
+        if grid_theta(j) > _GRID_END:
+            return _GRID_END
+    if j == 0:
+        return grid_theta(0)
+    lo, hi = grid_theta(j - 1), grid_theta(j)
+    while hi / lo > 1.0 + 1e-4:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if check.passes(mid) else (mid, hi)
+    return float(hi)
 
 
-def auto_theta(length: int, head_dim: int, anchor: RopeAnchor) -> float:
-    return max(scaled_theta(anchor.theta, anchor.window_len, length), theta_lower_bound(length, head_dim))
+def critical_dimension(theta: float, length: int, head_dim: int) -> int:
+    """d_c = 2 * ceil((d/2) * log_theta(L/2pi)): pairs 0 .. d_c/2 - 1 have wavelength
+    2pi * theta^(2i/d) <= L (they complete a turn within L); pair d_c/2 is the first that
+    does not (or, when x = (d/2) log_theta(L/2pi) is an integer, exactly does)."""
+    x = (head_dim / 2) * math.log(length / (2 * math.pi)) / math.log(theta)
+    return 2 * math.ceil(x - 1e-12)
+
+
+def discrete_scaled_theta(theta0: float, len0: int, length: int, head_dim: int, where: str = "rope") -> float:
+    """Discrete critical-dimension scaling (``theta: auto_discrete``).
+
+    Derivation: pair i turns with wavelength lambda_i = 2pi * theta^(2i/d). At the previous
+    phase (theta0, L0) the pairs i < d_c/2 complete a turn and pair d_c/2 does not, d_c as in
+    :func:`critical_dimension`. Keep exactly those pairs rotating at the new window L:
+    lambda_{d_c/2}(theta) = 2pi * theta^(d_c/d) = L  =>  theta = (L/2pi)^(d/d_c). Then pair
+    d_c/2 has wavelength L (>= L: it is nudged up by an ulp if rounding lands below) and pair
+    d_c/2 - 1 has 2pi * (L/2pi)^((d_c-2)/d_c) < L, since L/2pi > 1.
+    """
+    if length <= 2 * math.pi or len0 <= 2 * math.pi:
+        return theta0  # windows under 2pi positions: nothing rotates; keep the base
+    d_c = critical_dimension(theta0, len0, head_dim)
+    if d_c <= 0 or d_c >= head_dim:
+        raise UserError(f"{where}.theta: auto_discrete needs a critical dimension inside the head: at theta "
+                        f"{theta0:.4g} and window {len0}, d_c = {d_c} of head_dim {head_dim}; set theta "
+                        f"explicitly or use auto")
+    theta = (length / (2 * math.pi)) ** (head_dim / d_c)
+    while 2 * math.pi * theta ** (d_c / head_dim) < length:
+        theta = float(np.nextafter(theta, math.inf))
+    return float(theta)
+
+
+def auto_theta(length: int, head_dim: int, anchor: RopeAnchor, discrete: bool = False, where: str = "rope") -> float:
+    """``theta: auto`` (continuous scaling) or ``auto_discrete``, never below the lower bound."""
+    scaled = (discrete_scaled_theta(anchor.theta, anchor.window_len, length, head_dim, where) if discrete
+              else scaled_theta(anchor.theta, anchor.window_len, length))
+    return max(scaled, theta_lower_bound(length, head_dim))
 
 
 def rotating_pairs(inv_freq: Any, length: int) -> int:
@@ -120,12 +193,13 @@ def rope_parameters(rope: RopeConfig, window_len: int, anchor: RopeAnchor, head_
                     where: str = "rope") -> dict[str, Any]:
     """Complete ``rope_parameters`` for one phase (the dict transformers 5 expects)."""
     if rope.type == "default":
-        theta = auto_theta(window_len, head_dim, anchor) if rope.theta == "auto" else float(rope.theta)
+        theta = (auto_theta(window_len, head_dim, anchor, rope.theta == "auto_discrete", where)
+                 if isinstance(rope.theta, str) else float(rope.theta))
         if rope.factor is not None or rope.original_max_position_embeddings is not None:
             raise UserError(f"{where}: factor / original_max_position_embeddings need a scaling type, "
                             f"got type 'default'")
         return {"rope_type": "default", "rope_theta": theta, **rope.extra}
-    theta = anchor.theta if rope.theta == "auto" else float(rope.theta)
+    theta = anchor.theta if isinstance(rope.theta, str) else float(rope.theta)  # auto*: keep the base
     original = rope.original_max_position_embeddings or anchor.window_len
     factor = rope.factor if rope.factor is not None else max(1.0, window_len / original)
     out: dict[str, Any] = {"rope_type": rope.type, "rope_theta": theta, "factor": float(factor)}

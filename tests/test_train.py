@@ -227,6 +227,35 @@ def test_missing_or_stale_cache_names_the_fields(setup):
         _preflight(cfg, 2)
 
 
+def test_kd_temperature_must_match_the_cache_unless_allowed(setup):
+    from stages.train.plan import preflight
+
+    _, base = setup
+    cfg = copy.deepcopy(base)
+    cfg["train"]["phases"][1]["kd"] = {"temperature": 2.0}  # the cache holds values at 1.0
+    with pytest.raises(UserError, match=r"train\.phases\[1\]\.kd: train\.kd\.temperature 2\.0 differs .* 1\.0"):
+        preflight(parse_config(cfg), 2)
+    cfg["train"]["phases"][1]["kd"]["allow_temperature_mismatch"] = True
+    preflight(parse_config(cfg), 2)
+
+
+def test_kd_loss_choice_reaches_the_ranks(setup, zero2):
+    """kd.loss: tvd trains through DeepSpeed and its logged kd is a TVD. The first KD step of
+    both runs sees the same weights (the same CE phase before it) and the same windows, so
+    Pinsker's inequality, TVD <= sqrt(KL / 2) (per position over the same buckets, and so for
+    the means by Jensen), must hold between them -- and fails if the choice never arrived."""
+    root, base = setup
+    cfg = _variant(base, "tvd")
+    cfg["train"]["kd"] = {"loss": "tvd"}
+    proc = _train(_write(cfg, root / "tvd.yaml"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tvd = [m["kd"] for m in _metrics(root, "tvd") if m["phase"] == 1]
+    kl = [m["kd"] for m in _metrics(root, "zero2") if m["phase"] == 1]
+    assert len(tvd) == len(kl) == 4
+    assert all(0.0 <= x <= 1.0 for x in tvd)
+    assert tvd[0] <= (kl[0] / 2) ** 0.5 < kl[0], (tvd, kl)
+
+
 def test_vocab_mismatch_names_both_sizes(setup, tmp_path):
     _, base = setup
     cfg = copy.deepcopy(base)

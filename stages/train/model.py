@@ -48,7 +48,7 @@ class StudentWithLoss(nn.Module):
                                 None if batch.weights is None else batch.weights.reshape(-1, m))
         out = tiled_kd_loss(hidden.reshape(-1, H), self.head.weight, batch.labels.reshape(-1), targets,
                             alpha=kd.alpha, temperature=kd.temperature, tail=kd.tail, tile=self.tile,
-                            kd_norm=batch.kd_norm or None, ce_norm=batch.ce_norm)
+                            kd_norm=batch.kd_norm or None, ce_norm=batch.ce_norm, loss=kd.loss, beta=kd.beta)
         return out.loss, out.kd_sum, out.ce_sum
 
 

@@ -101,6 +101,10 @@ def check_phase_cache(phase: PhaseSpec, path: Path) -> Path:
             msg += f". The cache at {nearest[1]} is stale for this phase; differing fields: " + "; ".join(nearest[2])
         raise UserError(msg)
     manifest = check_cache(path, want)
+    from stages.kd_loss import check_loss_for_cache, check_temperature
+
+    check_temperature(phase.kd, manifest.get("temperature", phase.kd.temperature), f"{where}.kd")
+    check_loss_for_cache(phase.kd, manifest.get("kind", "topk"), f"{where}.kd")
     if manifest.get("window_len") not in (None, phase.window_len):
         raise UserError(f"{where}.window_len {phase.window_len} differs from the window length "
                         f"{manifest['window_len']} of its cache {path}")
