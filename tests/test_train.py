@@ -228,15 +228,13 @@ def test_missing_or_stale_cache_names_the_fields(setup):
 
 
 def test_kd_temperature_must_match_the_cache_unless_allowed(setup):
-    from stages.train.plan import preflight
-
     _, base = setup
     cfg = copy.deepcopy(base)
     cfg["train"]["phases"][1]["kd"] = {"temperature": 2.0}  # the cache holds values at 1.0
-    with pytest.raises(UserError, match=r"train\.phases\[1\]\.kd: train\.kd\.temperature 2\.0 differs .* 1\.0"):
-        preflight(parse_config(cfg), 2)
+    with pytest.raises(UserError, match=r"phases\[1\] \(phase1\)\.kd: train\.kd\.temperature 2\.0 differs .* 1\.0"):
+        _preflight(cfg, 2)
     cfg["train"]["phases"][1]["kd"]["allow_temperature_mismatch"] = True
-    preflight(parse_config(cfg), 2)
+    _preflight(cfg, 2)
 
 
 def test_kd_loss_choice_reaches_the_ranks(setup, zero2):
