@@ -291,7 +291,7 @@ def _add_eval_and_analyze(graph: Graph, trained: list[Node], teacher_deps: list[
                           locate=lambda name=name, pid=pid: cfg.out_dir / "analyze" / f"perturb-{name}" /
                           fingerprint(pid(), length=12),
                           identity=pid, deps=model_deps,
-                          compute=lambda out, name=name: run_perturb(an, models[name], out, name=name, verbose=False)))
+                          compute=lambda out, name=name: run_perturb(an, models[name], out, verbose=False)))
     for s in first_seed.values():
         if s.init_from is None:
             continue
