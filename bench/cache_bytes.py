@@ -93,14 +93,15 @@ def demo_source(teacher: str | None, tmp: Path, windows: int = 16) -> tuple[np.n
     from helpers import make_tiny_llama
 
     from pipeline.config import TeacherConfig, parse_config
-    from stages.pack import iter_windows, pack_spec, run_pack
+    from helpers import build_pack
+    from stages.windows import PackedWindows
     from stages.teacher import TeacherScorer, load_teacher
 
     name = teacher or "random tiny Llama (init range 0.2)"
     teacher = teacher or str(make_tiny_llama(tmp / "teacher", initializer_range=0.2))
     cfg = parse_config({"run": {"out_dir": str(tmp / "run")}, "data": {"synthetic": {"num_docs": 400}},
                         "pack": {"window_len": L, "mode": "cross_doc", "doc_len": [32, 128]}})
-    rows = [r for _, r in zip(range(windows), iter_windows(run_pack(cfg, pack_spec(cfg), verbose=False)))]
+    rows = list(PackedWindows(build_pack(cfg)).rows(windows))
     scorer = TeacherScorer(load_teacher(TeacherConfig(model=teacher)), kind="topk", k=64, samples=1,
                            temperature=1.0, chunk_len=1024)
     input_ids = np.array([r["input_ids"] for r in rows], dtype=np.int32)

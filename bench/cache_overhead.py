@@ -89,12 +89,12 @@ def timed_pass(what: str, teacher: str, pack_dir: str, threads: int) -> tuple[fl
 
 def child(spec: str) -> None:
     from pipeline.config import TeacherConfig
-    from stages.pack import iter_windows
+    from stages.windows import PackedWindows
     from stages.teacher import TeacherScorer, load_teacher
 
     s = json.loads(spec)
     torch.set_num_threads(s["threads"])
-    rows = list(iter_windows(Path(s["pack_dir"])))
+    rows = list(PackedWindows(s["pack_dir"]).rows())
     model = load_teacher(TeacherConfig(model=s["teacher"]))
     if s["what"] == "bare":
         bare_forward(model, rows[:4], 4)  # warm-up
@@ -127,8 +127,8 @@ def main() -> None:
     from helpers import make_tiny_llama
     from pipeline.config import parse_config
     from stages.cache.manifest import read_manifest
-    from stages.cache.stage import run_cache
-    from stages.pack import iter_windows, pack_spec, run_pack
+    from helpers import build_cache, build_pack
+    from stages.windows import PackedWindows
 
     budgets = args.threads or sorted({1, os.cpu_count() or 1})
     per_budget = {}
@@ -144,8 +144,8 @@ def main() -> None:
         if args.codec:
             raw["cache"]["codec"] = args.codec
         cfg = parse_config(raw)
-        pack = run_pack(cfg, pack_spec(cfg), verbose=False)
-        rows = list(iter_windows(pack))
+        pack = build_pack(cfg)
+        rows = list(PackedWindows(pack).rows())
         tokens = len(rows) * L
         for threads in budgets:
             bare = lambda: timed_pass("bare", teacher, str(pack), threads)  # noqa: E731
@@ -157,7 +157,7 @@ def main() -> None:
                 ray_start = time.perf_counter() - t0
                 c = cfg.model_copy(update={"run": cfg.run.model_copy(update={"out_dir": str(tmp / f"run-{threads}")})})
                 t0, c0 = time.perf_counter(), time.process_time()
-                out = run_cache(c, verbose=True, force=True)
+                out = build_cache(c, verbose=True, force=True)
                 wall, driver_cpu = time.perf_counter() - t0, time.process_time() - c0
                 manifest = read_manifest(out)
                 ray.shutdown()

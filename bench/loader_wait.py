@@ -27,7 +27,8 @@ def main() -> None:
     from helpers import make_tiny_llama
 
     from pipeline.config import parse_config
-    from stages.cache.stage import LocalExecutor, run_cache
+    from cluster.executor import LocalExecutor
+    from helpers import build_cache
 
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
@@ -43,7 +44,7 @@ def main() -> None:
                       "phases": [{"window_len": 1024, "steps": STEPS}]},
         }
         codec = parse_config(cfg).cache.codec  # the default codec, as users get it
-        run_cache(parse_config(cfg), 0, executor=LocalExecutor(), verbose=False)
+        build_cache(parse_config(cfg), 0, executor=LocalExecutor())
         (d / "c.yaml").write_text(yaml.safe_dump(cfg))
         subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(d / "c.yaml")], cwd=ROOT, check=True,
                        capture_output=True, text=True)

@@ -79,7 +79,8 @@ def main() -> None:
     from helpers import make_tiny_llama
 
     from pipeline.config import parse_config
-    from stages.cache.stage import LocalExecutor, run_cache
+    from cluster.executor import LocalExecutor
+    from helpers import build_cache
 
     torch.set_num_threads(os.cpu_count() or 1)
     rates: dict[str, float] = {}
@@ -92,7 +93,7 @@ def main() -> None:
                                 "pack": {"window_len": L, "mode": "cross_doc", "doc_len": [32, 128]},
                                 "teacher": {"model": teacher, "batch_size": 4},
                                 "cache": {"k": 32, "windows_per_shard": 16, "codec": codec}})
-            caches[codec] = run_cache(cfg, executor=LocalExecutor(), verbose=False)
+            caches[codec] = build_cache(cfg, executor=LocalExecutor())
         for codec, cache in caches.items():
             for workers in (0, 2):
                 rates[f"{codec}_{workers}w"] = reader_rate(cache, workers)

@@ -52,7 +52,7 @@ def engine_for(model: Any, tile: int = 1024) -> Any:
                         "pack": {"doc_len": [16, 64]}})
     module = StudentWithLoss(model, tile)
     engine, *_ = deepspeed.initialize(model=module, model_parameters=list(module.parameters()),
-                                      config=deepspeed_config(cfg, geometry(cfg, 1), gpu=False))
+                                      config=deepspeed_config(cfg.train, geometry(cfg.train, 1), gpu=False))
     return engine
 
 
