@@ -49,9 +49,9 @@ def local_command(runner: str, job_path: Path, workers: int, resume: bool) -> li
         exe = shutil.which("deepspeed")
         if exe is None:
             raise UserError("train.local_runner: the 'deepspeed' launcher is not on PATH")
-        return [exe, "--num_gpus", str(workers), "--master_port", port, "--module", "stages.train.loop", *args]
+        return [exe, "--num_gpus", str(workers), "--master_port", port, "--module", "stages.train", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(workers),
-            "--master_addr", "127.0.0.1", "--master_port", port, "-m", "stages.train.loop", *args]
+            "--master_addr", "127.0.0.1", "--master_port", port, "-m", "stages.train", *args]
 
 
 def run_training(spec: TrainSpec, inputs: dict[int, Path], run: Path, workers: int | None = None,

@@ -61,7 +61,8 @@ def test_submit_dedup_and_auth(head, tmp_path):
                                    "pack": {"window_len": 128, "doc_len": [16, 64]}}))
     first = cli("submit", "pack", str(cfg), "--address", ADDRESS, "--follow", env=head)
     assert "submitted: posdistill-pack-" in first.stdout and first.stdout.rstrip().endswith("SUCCEEDED")
-    assert "pack: wrote" in first.stdout
+    assert "pack: computed" in first.stdout  # the job ran the graph's pack node
+    assert len(list((tmp_path / "run" / "pack").glob("*/_done.json"))) == 1
     sid = first.stdout.split("submitted: ")[1].split()[0]
     again = cli("submit", "pack", str(cfg), "--address", ADDRESS, env=head)
     assert again.stdout.startswith(f"already submitted: {sid}")

@@ -4,8 +4,8 @@ ends up calling :func:`train` on every rank, after the process group exists.
 Every rank reads the same job file, ``<run>/train_job.json`` (the resolved ``TrainSpec`` and
 each phase's input directory), written by the launcher in ``cluster.launch``. Run directly::
 
-    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m stages.train.loop RUN_DIR/train_job.json [--resume]
-    deepspeed --num_gpus 8 --module stages.train.loop RUN_DIR/train_job.json
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m stages.train RUN_DIR/train_job.json [--resume]
+    deepspeed --num_gpus 8 --module stages.train RUN_DIR/train_job.json
 """
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ def train(spec: TrainSpec, inputs: dict[int, Path], run: Path, resume: bool = Fa
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.train.loop", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("job", help=f"a run directory's {JOB_FILE} (written by `posdistill train`)")
     ap.add_argument("--resume", action="store_true", help="fail unless a complete checkpoint exists")
