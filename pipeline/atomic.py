@@ -38,6 +38,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; rename it to ``final`` only on success."""
     final = Path(final)
+    created = [p for p in [final.parent, *final.parent.parents] if not p.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -46,6 +47,9 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:  # innermost first: nothing of a failed attempt stays behind
+            with contextlib.suppress(OSError):
+                p.rmdir()
         raise
     if final.exists():
         shutil.rmtree(final)

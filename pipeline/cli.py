@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from pipeline.config import load_config
-from pipeline.errors import UserError
+from pipeline.errors import UserError, storage_error
 
 config_arg = click.argument("config", type=click.Path(dir_okay=False))
 student_opt = click.option("--student", default=None, help="Only this student (a students: name, or NAME-sSEED).")
@@ -143,6 +143,8 @@ def submit(stage: str, config: str, extra: tuple[str, ...], address: str | None,
     Arguments after CONFIG are passed to the stage (e.g. `-- --model DIR` for eval)."""
     from cluster import jobs
 
+    if stage not in jobs.STAGES:
+        raise UserError(f"stage: '{stage}' is not one of {', '.join(jobs.STAGES)}")
     cfg = load_config(config)
     addr = jobs.default_address(address)
     sid, new = jobs.submit(stage, cfg, addr, list(extra))
@@ -340,6 +342,8 @@ def cache_verify(cache_dir: str, deep: bool) -> None:
     """Check every shard's footer, fingerprint, completion flag, rows and window coverage."""
     from stages.cache.verify import verify_cache
 
+    if not Path(cache_dir).is_dir():
+        raise UserError(f"{cache_dir}: no such cache directory")
     problems = verify_cache(cache_dir, deep=deep)
     for name, reason in problems:
         click.echo(f"BAD {name}: {reason}", err=True)
@@ -396,7 +400,7 @@ def train(config: str, address: str | None, workers: int | None, resume: bool, s
 
 
 @cli.command()
-@click.argument("ckpt", type=click.Path(exists=True, file_okay=False))
+@click.argument("ckpt", type=click.Path(file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32")
 def export(ckpt: str, out: str, dtype: str) -> None:
@@ -404,6 +408,8 @@ def export(ckpt: str, out: str, dtype: str) -> None:
     Hugging Face directory."""
     from stages.train.export import export_checkpoint
 
+    if not Path(ckpt).is_dir():
+        raise UserError(f"{ckpt}: no such checkpoint directory")
     click.echo(f"export: wrote {export_checkpoint(ckpt, out, dtype=dtype)}")
 
 @cli.command("run")
@@ -428,9 +434,19 @@ def main() -> None:
     except UserError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
+    except OSError as err:
+        user = storage_error(err)
+        if user is None:
+            raise
+        click.echo(f"error: {user}", err=True)
+        sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as err:  # one line, like every other bad input
+        hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
+        click.echo(f"error: {err.format_message()}{hint}", err=True)
+        sys.exit(err.exit_code)
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)

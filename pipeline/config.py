@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UserError
 
@@ -24,11 +24,18 @@ def _ordered(v: tuple[int, int]) -> tuple[int, int]:
     return v
 
 
-Range = Annotated[tuple[int, int], AfterValidator(_ordered)]  # [min, max], 1 <= min <= max
+def _listed(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v  # YAML has no tuples
+
+
+Pair = Annotated[tuple[int, int], BeforeValidator(_listed)]
+Range = Annotated[Pair, AfterValidator(_ordered)]  # [min, max], 1 <= min <= max
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys and coerced values are errors: YAML's `true` is not a seed, `"8"` is not k."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 # ----------------------------------------------------------------------------- run / data / pack
@@ -200,10 +207,10 @@ class BootstrapConfig(Strict):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     min_period: int = Field(4, gt=0)
-    span_len: tuple[int, int] = (8, 32)  # copied span lengths of spans rows
+    span_len: Pair = (8, 32)  # copied span lengths of spans rows
     # Copy distances [lo, hi] (inclusive) that no task ever trains: retrieval there shows
     # content-based copying, not a learned positional offset.
-    holdout_distances: list[tuple[int, int]] = Field(default_factory=list)
+    holdout_distances: list[Pair] = Field(default_factory=list)
     # Token alphabets of the random rows, one drawn per row (list one twice to draw it twice
     # as often): "bytes" (ids 0..255), "printable" (ASCII 32..126), "data"
     # (data.synthetic.alphabet) or literal characters.
@@ -658,7 +665,10 @@ def parse_config(raw: Any, source: str = "<config>") -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise UserError(f"{source}: invalid config\n{format_validation_error(err)}") from None
+        problems = format_validation_error(err)
+        if "\n" not in problems:
+            raise UserError(f"{source}: {problems}") from None
+        raise UserError(f"{source}: invalid config ({problems.count(chr(10)) + 1} problems)\n{problems}") from None
 
 
 def load_config(path: str | Path) -> Config:

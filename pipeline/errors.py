@@ -1,5 +1,26 @@
 """The one exception type a user sees: a message naming the field or file to fix."""
 
+import errno
+import os
+
 
 class UserError(Exception):
     """Bad input that the user can fix. The CLI prints it on one line and exits 2."""
+
+
+_STORAGE_HINTS = {
+    errno.ENOSPC: "free space there, or point run.out_dir / cache.root at a larger volume",
+    errno.EDQUOT: "the disk quota is used up: free space, or point run.out_dir / cache.root elsewhere",
+    errno.EROFS: "run.out_dir and cache.root must be writable; only a finished cache may sit on read-only storage",
+    errno.EACCES: "run.out_dir and cache.root must be writable by this user",
+    errno.ENOTDIR: "a file stands where run.out_dir or cache.root needs a directory",
+}
+
+
+def storage_error(err: OSError, where: object = None) -> UserError | None:
+    """One line for the storage faults a run can meet (disk full, read-only, no permission),
+    naming the path; ``None`` for any other OSError, which stays a bug with a traceback."""
+    hint = _STORAGE_HINTS.get(err.errno)
+    if hint is None:
+        return None
+    return UserError(f"{err.filename or where or 'the output directory'}: {os.strerror(err.errno)} ({hint})")

@@ -22,13 +22,19 @@ from typing import Any, Callable, Iterator
 
 from pipeline.atomic import atomic_write_json
 from pipeline.config import Config
-from pipeline.errors import UserError
+from pipeline.errors import UserError, storage_error
 from pipeline.fingerprint import dir_identity, fingerprint
 from pipeline.resolve import (Layout, analyze_spec, bootstrap_dir, bootstrap_spec, cache_spec, eval_spec, layout, pack_spec, query_span_windows,
                               train_specs, with_teacher)
 from stages.specs import CacheSpec, PackSpec, TrainSpec
 
 DONE_FILE = "_done.json"
+_WHY_NONE = {  # what a config needs for a stage to have nodes
+    "train": " (it needs student: and train.phases, or students:)",
+    "cache": " (teacher.model is not set, or no phase of train.phases distils: kd.alpha > 0)",
+    "eval": " (eval needs teacher.model and at least one student: train.phases or students:)",
+    "analyze": " (analyze needs teacher.model and at least one student: train.phases or students:)",
+}
 STAGES = ("pack", "teacher", "cache", "train", "eval", "analyze", "report")
 
 
@@ -42,6 +48,9 @@ class Node:
     deps: list["Node"] = field(default_factory=list)
     # Extra check of a marked output (caches re-check their shards); a reason means not done.
     problem: Callable[[Path], str | None] = lambda out: None
+    # Cheap checks of the node's inputs that need no upstream output: all run before any node
+    # computes, so a bad teacher or k fails in seconds, not after the packing.
+    check: Callable[[], Any] | None = None
     always: bool = False  # the report: a summary of this invocation, never reused
     students: set[str] = field(default_factory=set)  # variants (and labels) this node serves
     phases: set[int] = field(default_factory=set)  # phase indices (cache and pack nodes)
@@ -105,7 +114,7 @@ class Graph:
         if not targets:
             what = f"{stage} nodes" + (f" for --student {student}" if student else "") + (
                 f" for --phase {phase}" if phase is not None else "")
-            raise UserError(f"this config has no {what}")
+            raise UserError(f"this config has no {what}{_WHY_NONE.get(stage, '')}")
         keep: set[int] = set()
 
         def visit(n: Node) -> None:
@@ -122,6 +131,9 @@ class Graph:
     def run(self, nodes: list[Node], log: RunLog | None = None) -> RunLog:
         log = log or RunLog()
         for node in nodes:
+            if node.check is not None:
+                node.check()
+        for node in nodes:
             with log.stage(node.stage):
                 out = node.locate()
                 ident = fingerprint(node.identity())
@@ -130,7 +142,13 @@ class Graph:
                     log.note(node, out, reused=True)
                     continue
                 print(f"{node.stage}: computing {node.name}", flush=True)
-                node.compute(out)
+                try:
+                    node.compute(out)
+                except OSError as err:  # disk full, read-only: one line naming the output
+                    user = storage_error(err, where=out)
+                    if user is None:
+                        raise
+                    raise user from None
                 mark_done(node, out, ident)
                 node.out = out
                 log.note(node, out, reused=False)
@@ -164,7 +182,7 @@ def build_graph(cfg: Config, address: str | None = None, workers: int | None = N
     from cluster.executor import make_cache_executor
     from cluster.launch import run_training
     from cluster.local import resolve_address
-    from stages.cache.stage import run_cache
+    from stages.cache.stage import check_inputs, run_cache
     from stages.cache.verify import verify_cache
     from stages.pack import run_pack
 
@@ -198,6 +216,7 @@ def build_graph(cfg: Config, address: str | None = None, workers: int | None = N
             caches[key] = Node("cache", f"cache of pack {pack.name.split()[1]} (window {spec.pack.pack.window_len})",
                                locate=lambda: lay.cache_root / fingerprint(ident()), identity=ident,
                                compute=compute, deps=[pack, *teacher_deps],
+                               check=None if teacher_deps else lambda: check_inputs(spec),
                                problem=lambda out: "; ".join(f"{n}: {r}" for n, r in verify_cache(out)) or None)
             nodes.append(caches[key])
         return caches[key]

@@ -12,6 +12,24 @@ import threading
 
 import psutil
 
+from pipeline.errors import UserError
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+def require_memory(field: str, nbytes: int, what: str) -> None:
+    """Fail before allocating what cannot fit: numpy's MemoryError, minutes in, names no key."""
+    available = psutil.virtual_memory().available
+    if nbytes > available:
+        raise UserError(f"{field}: {what} needs {_human(nbytes)} of memory; "
+                        f"{_human(available)} is available")
+
 
 class PeakMemory:
     def __init__(self, interval: float = 0.5):

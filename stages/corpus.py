@@ -128,6 +128,7 @@ def _txt(path: Path) -> Iterator[str]:
 
 
 def _parquet(path: Path, field: str) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -136,6 +137,9 @@ def _parquet(path: Path, field: str) -> Iterator[str]:
         raise UserError(f"data.source: {path} is not a readable Parquet file ({err})") from None
     if field not in pf.schema_arrow.names:
         raise UserError(f"data.text_field: '{field}' not found in {path} (columns: {', '.join(pf.schema_arrow.names)})")
+    kind = pf.schema_arrow.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        raise UserError(f"data.text_field: column '{field}' of {path} holds {kind}, not text")
     for batch in pf.iter_batches(columns=[field], batch_size=1024):
         for text in batch.column(0).to_pylist():
             if text:
@@ -153,6 +157,9 @@ def _saved_dataset(path: Path, field: str) -> Iterator[str]:
         ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
     if field not in ds.column_names:
         raise UserError(f"data.text_field: '{field}' not found in {path} (columns: {', '.join(ds.column_names)})")
+    kind = getattr(ds.features[field], "dtype", None)
+    if kind not in ("string", "large_string"):
+        raise UserError(f"data.text_field: column '{field}' of {path} holds {ds.features[field]}, not text")
     # Arrow-backed and memory-mapped: iterating column batches does not load the corpus.
     for batch in ds.select_columns([field]).iter(batch_size=1024):
         for text in batch[field]:

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from pipeline.atomic import atomic_dir
 from pipeline.errors import UserError
 from pipeline.progress import Progress, human
+from pipeline.resources import require_memory
 from stages.corpus import iter_documents, periodic_documents
 from stages.specs import PackSpec
 from stages.tokenizer import load_tokenizer
@@ -164,6 +165,9 @@ def write_windows(spec: PackSpec, out: Path, progress: Progress) -> PackStats:
     stats = PackStats()
     t0 = time.monotonic()
     per_file, per_group = _layout(spec.pack.window_len)
+    # A row group of windows, its concatenation for Parquet, and the window being filled.
+    require_memory("pack.window_len", 4 * spec.pack.window_len * (2 * per_group + 1),
+                   f"packing windows of {spec.pack.window_len:,} tokens")
     meta = {b"posdistill.fingerprint": spec.fingerprint().encode(),
             b"posdistill.mode": spec.pack.mode.encode()}
     writer: pq.ParquetWriter | None = None

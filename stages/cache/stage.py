@@ -193,12 +193,22 @@ def _check_vocab(data_tokenizer: str, vocab: int) -> None:
                         "the windows must be tokenized with the teacher's tokenizer")
 
 
-def build_job(spec: CacheSpec, pack_dir: Path, cache_dir: Path, fp: str) -> CacheJob:
-    windows = PackedWindows(pack_dir)
+def check_inputs(spec: CacheSpec) -> int:
+    """What can be told wrong from the teacher's files and the config alone, before any
+    window is packed or a worker starts; returns the teacher's vocabulary size."""
     from stages.teacher import teacher_vocab
 
     vocab = teacher_vocab(spec.teacher.model)
     _check_vocab(spec.pack.data.tokenizer, vocab)
+    if spec.cache.kind == "topk" and spec.cache.k > vocab:
+        raise UserError(f"cache.k: {spec.cache.k} is more than teacher.model's vocabulary of {vocab} tokens "
+                        f"(k = {vocab} already stores the whole distribution)")
+    return vocab
+
+
+def build_job(spec: CacheSpec, pack_dir: Path, cache_dir: Path, fp: str) -> CacheJob:
+    windows = PackedWindows(pack_dir)
+    vocab = check_inputs(spec)
     return CacheJob(
         cache_dir=str(cache_dir), pack_dir=str(pack_dir), pack_files=windows.index, fingerprint=fp,
         teacher=spec.teacher.model_dump(mode="json"), cache=spec.cache.model_dump(mode="json"),
