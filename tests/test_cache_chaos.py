@@ -1,0 +1,138 @@
+"""Chaos: kill -9 the cache driver or a teacher actor at random moments, re-run after each
+kill, and end with a cache byte-identical to one built without faults.
+
+The random points come from a seeded generator (printed on failure), so a failing schedule
+can be replayed. The kills are real SIGKILLs of real processes: the driver (with its
+embedded Ray) or one of the Ray worker processes holding a teacher replica.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from helpers import cache_dir_of, make_tiny_llama
+
+from pipeline.config import parse_config
+from stages.cache.verify import verify_cache
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+SEED = int(os.environ.get("CHAOS_SEED", "20261203"))
+ROUNDS = 3
+
+
+def _config(root: Path, teacher: Path, out: Path) -> tuple[Path, Path]:
+    raw = {"run": {"out_dir": str(out)}, "data": {"synthetic": {"num_docs": 240}},
+           "pack": {"window_len": 128, "doc_len": [16, 64]},
+           "teacher": {"model": str(teacher), "num_actors": 2},
+           "cache": {"k": 4, "windows_per_shard": 2, "windows_per_row_group": 1, "max_retries": 50}}
+    path = root / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path, cache_dir_of(parse_config(raw))
+
+
+def _start(cfg: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "cache", str(cfg)], cwd=REPO,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        return [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _actors(pid: int) -> list[psutil.Process]:
+    out = []
+    for p in _tree(pid)[1:]:
+        try:
+            if "_CacheActor" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _kill_all(procs: list[psutil.Process]) -> None:
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def _snapshot(cache: Path) -> dict[str, bytes]:
+    files = {p.name: p.read_bytes() for p in sorted(cache.glob("shard-*.parquet"))}
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest.pop("last_run")  # timings of the run that wrote it
+    manifest.pop("pack_dir")  # the two caches sit under different out_dirs
+    files["manifest.json"] = json.dumps(manifest, sort_keys=True).encode()
+    return files
+
+
+def test_random_kills_end_byte_identical(tmp_path: Path):
+    rng = random.Random(SEED)
+    teacher = make_tiny_llama(tmp_path / "teacher", initializer_range=0.2)
+    clean_cfg, clean_dir = _config(tmp_path, teacher, tmp_path / "clean")
+    chaos_cfg, chaos_dir = _config(tmp_path, teacher, tmp_path / "chaos")
+    ref = subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", str(clean_cfg)], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
+    clean = _snapshot(clean_dir)
+    shards = len(clean) - 1
+
+    chaos_dir.mkdir(parents=True)
+    (chaos_dir / ".test-fault").write_text("sleep:0.4")  # tests/hooks/sitecustomize.py: slow row groups
+    schedule, landed = [], 0
+    for i in range(ROUNDS):
+        victim = rng.choice(["driver", "actor", "actor-then-driver"])
+        after = rng.uniform(0.0, 2.0)  # seconds after the first new shard of this round
+        schedule.append((victim, round(after, 2)))
+        log = tmp_path / f"round{i}.log"
+        before = set(chaos_dir.glob("shard-*.parquet"))
+        driver = _start(chaos_cfg, log)
+        deadline = time.monotonic() + 300
+        while set(chaos_dir.glob("shard-*.parquet")) == before and driver.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        time.sleep(after)
+        tree = _tree(driver.pid)
+        if victim.startswith("actor"):
+            actors = _actors(driver.pid)
+            if actors:
+                rng.choice(actors).kill()
+            time.sleep(rng.uniform(0.5, 2.0))
+        if victim != "actor" and driver.poll() is None:
+            os.kill(driver.pid, signal.SIGKILL)
+            landed += not (chaos_dir / "manifest.json").exists()
+        try:
+            driver.wait(timeout=300)
+        finally:
+            _kill_all(tree + _tree(driver.pid))
+        assert driver.returncode in (0, -signal.SIGKILL), (SEED, schedule, log.read_text()[-3000:])
+
+    (chaos_dir / ".test-fault").unlink()
+    final = subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", str(chaos_cfg)], cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, (SEED, schedule, final.stdout[-2000:] + final.stderr[-2000:])
+    assert verify_cache(chaos_dir) == []
+    leftovers = [p.name for p in chaos_dir.iterdir()
+                 if p.name not in clean and p.name not in ("plan.json", "_done.json", ".lock")]
+    assert not [n for n in leftovers if n.startswith(".shard") or n.startswith("shard")], leftovers
+    got = _snapshot(chaos_dir)
+    assert sorted(got) == sorted(clean), (SEED, schedule)
+    differ = [name for name in clean if got[name] != clean[name]]
+    assert not differ, (SEED, schedule, differ)
+    assert landed >= 1, (SEED, schedule)  # at least one driver kill landed mid-job
