@@ -1,7 +1,10 @@
 """Shared pytest setup. Keep it small: fixtures used by several test files only."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,12 @@ import pytest
 # No usage-stats calls home from the Ray instances tests start.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `from helpers import ...`
+
+# The file-hash memo (pipeline.fingerprint) of this session and every process it starts lives in
+# a throwaway directory, never in the user's ~/.cache.
+_XDG_CACHE = tempfile.mkdtemp(prefix="posdistill-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _XDG_CACHE
+atexit.register(shutil.rmtree, _XDG_CACHE, True)
 
 # Fault-injection hooks (tests/hooks/sitecustomize.py) in every process the tests start, and in
 # this one; production code never reads them.
