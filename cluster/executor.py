@@ -161,9 +161,20 @@ class RayExecutor:
 
 def _user_error(err: Exception, what: str) -> Exception:
     """Surface the original exception: a UserError keeps its message, anything else says what failed."""
+    import re
+
     cause = getattr(err, "cause", None)
     if isinstance(cause, UserError):
         return UserError(str(cause))
     if isinstance(err, UserError):
         return err
+    # An actor whose __init__ raised arrives as ActorDiedError carrying only the text.
+    names, todo = {"UserError"}, [UserError]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            names.add(sub.__name__)
+            todo.append(sub)
+    found = re.findall(r"(?:[\w]+\.)*(?:%s): ([^\n\"]+)" % "|".join(sorted(names)), str(err))
+    if found:
+        return UserError(found[-1].strip())
     return RuntimeError(f"cache: {what}: {str(err).strip().splitlines()[-1][:500] if str(err).strip() else err!r}")

@@ -111,8 +111,9 @@ class KDLossOutput:
 
 
 def _xlogy(x: Tensor, y_log: Tensor) -> Tensor:
-    """x * log_y with 0 * (-inf) = 0 (a zero-probability bucket contributes nothing)."""
-    return torch.where(x > 0, x * y_log, torch.zeros_like(x))
+    """x * log_y with 0 * (-inf) = 0 (a zero-probability bucket contributes nothing); a NaN x
+    stays NaN (``x * 0``), so a bad target shows in the loss instead of vanishing."""
+    return torch.where(x > 0, x * y_log, x * 0.0)
 
 
 def _divergence(loss: Loss, beta: float, lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor]:

@@ -71,6 +71,63 @@ def teacher_vocab(model: str) -> int:
     return int(vocab)
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def check_weight_files(model: str) -> None:
+    """Refuse a teacher directory whose weights are missing, truncated or not parseable, before
+    any Ray worker starts loading it: the header of every safetensors file must parse and its
+    tensors must end exactly at the end of the file (a copy cut short fails here, not as a
+    traceback inside an actor)."""
+    import json
+    import struct
+
+    root = Path(model)
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            wanted = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"teacher.model: {index} is not a safetensors index ({err})") from None
+        missing = [w for w in wanted if not (root / w).is_file()]
+        if missing:
+            raise UserError(f"teacher.model: {index} names weight files that are missing: {', '.join(missing[:4])}")
+    if not files:
+        raise UserError(f"teacher.model: '{model}' has no weights (no *.safetensors or pytorch_model*.bin)")
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= size - 8:
+                raise UserError(f"teacher.model: {f} is not a safetensors file (bad header length)")
+            try:
+                header = json.loads(fh.read(n))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError):
+                raise UserError(f"teacher.model: {f} is corrupt (its safetensors header does not parse)") from None
+        if 8 + n + end != size:
+            raise UserError(f"teacher.model: {f} is truncated or padded: {size} bytes, its header says "
+                            f"{8 + n + end}")
+
+
+def check_finite_weights(model: torch.nn.Module, where: str) -> None:
+    """A NaN or inf anywhere in the weights makes every target it touches NaN; refuse it at
+    load (naming the tensors) instead of caching garbage."""
+    bad = []
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point():
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                bad.append(f"{name} ({n} of {t.numel()})")
+    if bad:
+        raise UserError(f"teacher.model: {where} has non-finite weights (NaN/inf) in {len(bad)} tensor(s): "
+                        + ", ".join(bad[:4]) + (" ..." if len(bad) > 4 else ""))
+
+
 def teacher_identity(tcfg: TeacherConfig) -> dict[str, Any]:
     """What of the teacher changes cached numbers: its weights and config files, and dtype."""
     if not tcfg.model:
@@ -95,10 +152,13 @@ def load_teacher(tcfg: TeacherConfig, device: str | torch.device = "cpu") -> tor
                               "trust_remote_code": bool(tcfg.trust_remote_code)}
     if tcfg.attn_implementation:
         kwargs["attn_implementation"] = tcfg.attn_implementation
+    check_weight_files(tcfg.model)
     try:
         model = AutoModelForCausalLM.from_pretrained(tcfg.model, **kwargs)
-    except (OSError, ValueError) as err:
-        raise UserError(f"teacher.model: cannot load '{tcfg.model}': {str(err).splitlines()[0][:300]}") from None
+    except Exception as err:  # OSError, ValueError, safetensors' SafetensorError, torch's unpickling errors
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise UserError(f"teacher.model: cannot load '{tcfg.model}': {first}") from None
+    check_finite_weights(model, f"'{tcfg.model}' (as {tcfg.dtype})")
     model.to(device).eval()
     model.requires_grad_(False)
     return model
@@ -161,6 +221,10 @@ class TeacherScorer:
         with torch.no_grad():
             full = self.model(**inputs).logits.float()
             ours = self._logits(self.body(**inputs).last_hidden_state)
+        if not torch.isfinite(full).all():
+            raise UserError(f"teacher.model: gives non-finite logits on a probe input although its weights are "
+                            f"finite (an overflow in {next(self.model.parameters()).dtype}? try teacher.dtype: "
+                            "float32 or bfloat16)")
         if not torch.allclose(full, ours, rtol=1e-3, atol=1e-3):
             raise UserError(f"teacher.model: {type(self.model).__name__} post-processes its logits in a way the "
                             "chunked top-k does not replicate (max diff "
@@ -204,6 +268,7 @@ class TeacherScorer:
                 lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [B, c, 1]
                 v, i = torch.topk(z, m, dim=-1)  # [B, c, k], sorted by log-prob
                 ids[:, s:e], logp[:, s:e] = i.int().cpu(), (v - lse).cpu()
+                _check_finite(logp[:, s:e], s, window_ids)
                 continue
             lp = torch.log_softmax(z, dim=-1)  # [B, c, V]
             del z
@@ -222,5 +287,22 @@ class TeacherScorer:
             i = torch.where(cnt > 0, i, i[..., :1])
             ids[:, s:e] = i.int().cpu()
             logp[:, s:e] = torch.gather(lp, -1, i).cpu()
+            _check_finite(logp[:, s:e], s, window_ids)
             counts[:, s:e] = cnt.to(torch.int16).cpu()
         return {"ids": ids, "logp": logp, "counts": counts}
+
+
+class NonFiniteTargets(UserError):
+    """The teacher produced NaN/inf log-probs: deterministic, so a retry would only repeat it."""
+
+
+def _check_finite(logp: torch.Tensor, offset: int, window_ids: list[int] | None) -> None:
+    """Fail at the first non-finite log-prob, naming its window and position: a NaN target
+    would otherwise be cached, verified and trained on without a word."""
+    bad = ~torch.isfinite(logp)
+    if bool(bad.any()):
+        b, pos, _ = (int(x) for x in bad.nonzero()[0])
+        window = window_ids[b] if window_ids is not None else f"#{b} of the batch"
+        raise NonFiniteTargets(f"cache: teacher log-probs are {logp[b, pos][bad[b, pos]][0].item()} at window "
+                               f"{window}, position {offset + pos} ({int(bad.sum())} non-finite values in this "
+                               "chunk); the teacher overflows or its weights are bad")

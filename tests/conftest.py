@@ -23,7 +23,10 @@ atexit.register(shutil.rmtree, _XDG_CACHE, True)
 # this one; production code never reads them.
 _HOOKS = str(Path(__file__).resolve().parent / "hooks")
 os.environ["POSDISTILL_TEST_HOOKS"] = "1"
-os.environ["PYTHONPATH"] = os.pathsep.join([_HOOKS, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+# The checkout itself too: the hooks import the stages before a child's cwd joins sys.path, and
+# must find this tree whatever an installed copy points at.
+_REPO = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join([_HOOKS, _REPO, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
 def _load_hooks() -> None:
     import importlib.util

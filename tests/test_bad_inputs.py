@@ -113,6 +113,15 @@ def _no_weights(tiny: Path, root: Path) -> Path:
     return _teacher(tiny, root, keep=lambda p: p.suffix != ".safetensors")
 
 
+def _damaged_weights(damage: Callable[[bytes], bytes]) -> Callable[[Path, Path], Path]:
+    def make(tiny: Path, root: Path) -> Path:
+        out = _teacher(tiny, root)
+        f = out / "model.safetensors"
+        f.write_bytes(damage(f.read_bytes()))
+        return out
+    return make
+
+
 def _no_config(tiny: Path, root: Path) -> Path:
     return _teacher(tiny, root, keep=lambda p: p.name != "config.json")
 
@@ -185,6 +194,13 @@ CASES: list[Case] = [
     # --- teacher
     _teacher_case("teacher-missing", ["teacher.model"], teacher=lambda tiny, root: root / "no-teacher"),
     _teacher_case("teacher-no-config", ["teacher.model"], teacher=_no_config),
+    _teacher_case("teacher-no-weights", ["teacher.model", "no weights"], teacher=_no_weights),
+    _teacher_case("teacher-truncated", ["teacher.model", "model.safetensors", "truncated"],
+                  teacher=_damaged_weights(lambda b: b[: len(b) // 2])),
+    _teacher_case("teacher-bad-header", ["teacher.model", "model.safetensors", "corrupt"],
+                  teacher=_damaged_weights(lambda b: b[:8] + b"{not json" + b[17:])),
+    _teacher_case("teacher-not-safetensors", ["teacher.model", "model.safetensors", "not a safetensors"],
+                  teacher=_damaged_weights(lambda b: b"\xff" * 16)),
     _teacher_case("k-above-vocab", ["cache.k", "vocabulary"], cache={"k": 100000}),
     # --- caches
     Case("verify-not-a-dir", lambda r: ["cache", "verify", str(r / "nothing")], ["nothing"]),

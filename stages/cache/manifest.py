@@ -41,8 +41,33 @@ def _read(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: unreadable ({err})") from None
 
 
+# What a reader relies on, by type: a manifest (or plan) missing any of these was not written
+# by this code (or was damaged), and is refused by name rather than failing with a KeyError.
+_PLAN_KEYS = {"fingerprint": str, "shards": list}
+_MANIFEST_KEYS = {**_PLAN_KEYS, "format": int, "identity": dict, "kind": str, "codec": str, "window_len": int,
+                  "vocab": int, "windows": int, "tokens": int}
+_SHARD_KEYS = {"index": int, "first_window": int, "rows": int}
+
+
+def _validate(path: Path, doc: Any, keys: dict[str, type], shard_keys: dict[str, type]) -> dict[str, Any]:
+    def bad(what: str) -> UserError:
+        return UserError(f"{path}: not a valid {path.stem} ({what}); delete it and re-run `posdistill cache`")
+
+    if not isinstance(doc, dict):
+        raise bad("not a JSON object")
+    for key, kind in keys.items():
+        if not isinstance(doc.get(key), kind) or isinstance(doc.get(key), bool):
+            raise bad(f"'{key}' is {'missing' if key not in doc else type(doc[key]).__name__}")
+    for i, shard in enumerate(doc["shards"]):
+        for key, kind in shard_keys.items():
+            if not isinstance(shard, dict) or not isinstance(shard.get(key), kind):
+                raise bad(f"shards[{i}].{key} is missing or not {kind.__name__}")
+    return doc
+
+
 def read_plan(cache_dir: Path) -> dict[str, Any]:
-    return _read(Path(cache_dir) / PLAN_FILE)
+    path = Path(cache_dir) / PLAN_FILE
+    return _validate(path, _read(path), _PLAN_KEYS, _SHARD_KEYS)
 
 
 def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
@@ -50,7 +75,7 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         hint = " (the cache job has not finished; re-run `posdistill cache`)" if (Path(cache_dir) / PLAN_FILE).is_file() else ""
         raise UserError(f"{cache_dir}: not a complete teacher cache: no {MANIFEST_FILE}{hint}")
-    return _read(path)
+    return _validate(path, _read(path), _MANIFEST_KEYS, {**_SHARD_KEYS, "file": str})
 
 
 def is_complete(cache_dir: Path) -> bool:

@@ -153,7 +153,11 @@ class ShardReader(IterableDataset):
             if j >= stop:
                 return
             pf, codec = self._open(name)
-            table = pf.read_row_group(group)
+            try:
+                table = pf.read_row_group(group)
+            except OSError as err:  # a page whose CRC does not match: never train on altered targets
+                raise UserError(f"{self.cache_dir / name}: row group {group} is corrupt ({str(err)[:160]}); "
+                                "re-run `posdistill cache` to regenerate the shard") from None
             window_ids = table.column("window_id").to_numpy()
             input_ids = np.array(flat_values(table.column("input_ids")), dtype=np.int32).reshape(rows, -1)
             doc_starts = table.column("doc_starts").to_pylist()
@@ -174,7 +178,8 @@ class ShardReader(IterableDataset):
 
     def _open(self, name: str) -> tuple[pq.ParquetFile, Any]:
         if name not in self._files:
-            pf = pq.ParquetFile(self.cache_dir / name)
+            # Shards carry page CRCs; checking them costs little next to decoding (bench/checksum_cost).
+            pf = pq.ParquetFile(self.cache_dir / name, page_checksum_verification=True)
             self._files[name] = (pf, codec_from_footer(self.codec_name, self.kind, pf.metadata.metadata))
         return self._files[name]
 

@@ -28,9 +28,9 @@ from pipeline.errors import UserError
 from pipeline.fingerprint import FORMAT_VERSION, fingerprint
 from pipeline.progress import Progress, human
 from stages.cache.codec import make_codec
-from stages.cache.manifest import (CONFIG_FILE, MANIFEST_FILE, PLAN_FILE, is_complete, shard_plan,
+from stages.cache.manifest import (CONFIG_FILE, MANIFEST_FILE, PLAN_FILE, shard_plan,
                                    write_manifest, write_plan)
-from stages.cache.verify import check_shard
+from stages.cache.verify import check_shard, read_verified, stat_key, verify_cache, write_verified
 from stages.cache.writer import TEMP_GLOB, CacheWriter, shard_name
 from stages.specs import CacheSpec, spec_to_dict
 from stages.windows import PackedWindows
@@ -155,6 +155,7 @@ class CacheWorker:
         # correct when two shards overlap. On a shared machine CPU is a steadier measure of
         # cost than wall time.
         return {"index": index, "rows": len(wids), "tokens": len(wids) * job.window_len, "bytes": size,
+                "stat": stat_key(writer.final),
                 "seconds": time.monotonic() - t0, "process_cpu_seconds": time.process_time(), "pid": os.getpid()}
 
 
@@ -196,9 +197,10 @@ def _check_vocab(data_tokenizer: str, vocab: int) -> None:
 def check_inputs(spec: CacheSpec) -> int:
     """What can be told wrong from the teacher's files and the config alone, before any
     window is packed or a worker starts; returns the teacher's vocabulary size."""
-    from stages.teacher import teacher_vocab
+    from stages.teacher import check_weight_files, teacher_vocab
 
     vocab = teacher_vocab(spec.teacher.model)
+    check_weight_files(spec.teacher.model)
     _check_vocab(spec.pack.data.tokenizer, vocab)
     if spec.cache.kind == "topk" and spec.cache.k > vocab:
         raise UserError(f"cache.k: {spec.cache.k} is more than teacher.model's vocabulary of {vocab} tokens "
@@ -230,31 +232,37 @@ def run_cache(spec: CacheSpec, pack_dir: Path, cache_dir: Path, executor: Execut
     every shard."""
     identity = spec.identity()
     cache_dir = Path(cache_dir)
+    fp = fingerprint(identity)
+    if not force and _finished(cache_dir, fp):  # reads only: a finished cache on read-only storage is reused
+        if verbose:
+            print(f"cache: reusing {cache_dir} (all shards valid)")
+        return cache_dir
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(cache_dir):
         if force:
             _clear(cache_dir)
         for tmp in cache_dir.glob(TEMP_GLOB):  # left by a killed run; no writer is alive (we hold the lock)
             tmp.unlink(missing_ok=True)
-        job = build_job(spec, Path(pack_dir), cache_dir, fingerprint(identity))
+        job = build_job(spec, Path(pack_dir), cache_dir, fp)
         plan = {"fingerprint": job.fingerprint, "num_windows": sum(s["rows"] for s in job.shards),
                 "windows_per_shard": spec.cache.windows_per_shard, "shards": job.shards}
         write_plan(cache_dir, plan)
         atomic_write_json(cache_dir / CONFIG_FILE, spec_to_dict(spec))
-        bad = {s["index"]: check_shard(cache_dir / shard_name(s["index"]), job.fingerprint, s["first_window"], s["rows"])
+        verified = read_verified(cache_dir)
+        bad = {s["index"]: check_shard(cache_dir / shard_name(s["index"]), job.fingerprint, s["first_window"],
+                                       s["rows"], verified=verified)
                for s in job.shards}
         todo = [i for i, reason in bad.items() if reason]
-        if not todo and is_complete(cache_dir):
-            if verbose:
-                print(f"cache: reusing {cache_dir} ({len(job.shards)} shards, all valid)")
-            return cache_dir
         (cache_dir / MANIFEST_FILE).unlink(missing_ok=True)  # incomplete until every shard is valid again
         for i in todo:
             (cache_dir / shard_name(i)).unlink(missing_ok=True)
         planned = {shard_name(s["index"]) for s in job.shards}
-        for stray in cache_dir.glob("shard-*.parquet"):  # from an earlier cache.windows_per_shard
+        for stray in cache_dir.glob("shard-*.parquet"):  # from an earlier cache.windows_per_shard, or unknown
             if stray.name not in planned:
+                if verbose:
+                    print(f"cache: removing {stray.name} (not in the shard plan)")
                 stray.unlink()
+        verified = {name: key for name, key in verified.items() if name in planned}
         if verbose:
             done = len(job.shards) - len(todo)
             print(f"cache: {cache_dir}: {len(todo)} of {len(job.shards)} shards to compute"
@@ -277,6 +285,7 @@ def run_cache(spec: CacheSpec, pack_dir: Path, cache_dir: Path, executor: Execut
                     cpu["steady_tokens"] += result["tokens"]
                 cpu["first"].setdefault(pid, used)
                 cpu["last"][pid] = used
+                verified[shard_name(result["index"])] = result["stat"]
                 progress.update(1, result["tokens"])
 
             executor.run(job, todo, on_done)
@@ -285,7 +294,7 @@ def run_cache(spec: CacheSpec, pack_dir: Path, cache_dir: Path, executor: Execut
             tmp.unlink(missing_ok=True)
         seconds = time.monotonic() - t0
         manifest = finish(cache_dir, job, identity, tokens_computed=tokens, seconds=seconds, done_at=done_at,
-                          cpu=cpu)
+                          cpu=cpu, verified=verified)
         if verbose:
             print(f"cache: wrote {cache_dir}: {manifest['windows']} windows, {manifest['bytes_per_entry']:.3g} B/entry"
                   + (f", {human(tokens / max(seconds, 1e-9))} tokens/s" if tokens else ""))
@@ -294,12 +303,14 @@ def run_cache(spec: CacheSpec, pack_dir: Path, cache_dir: Path, executor: Execut
 
 def finish(cache_dir: Path, job: CacheJob, identity: dict[str, Any], tokens_computed: int,
            seconds: float, done_at: list[tuple[float, int]] | None = None,
-           cpu: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check every shard once more and write the manifest (last)."""
+           cpu: dict[str, Any] | None = None, verified: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check every shard once more and write the manifest (last). ``verified``: shards whose
+    pages were checked (or just written by a worker) and have not changed since."""
     shards, bad = [], []
+    verified = {} if verified is None else verified
     for s in job.shards:
         path = cache_dir / shard_name(s["index"])
-        reason = check_shard(path, job.fingerprint, s["first_window"], s["rows"])
+        reason = check_shard(path, job.fingerprint, s["first_window"], s["rows"], verified=verified)
         if reason:
             bad.append(f"{path.name}: {reason}")
         else:
@@ -328,8 +339,19 @@ def finish(cache_dir: Path, job: CacheJob, identity: dict[str, Any], tokens_comp
         "last_run": _run_stats(tokens_computed, seconds, done_at or [], cpu or {}),
         "shards": shards,
     }
+    write_verified(cache_dir, verified)
     write_manifest(cache_dir, manifest)
     return manifest
+
+
+def _finished(cache_dir: Path, fp: str) -> bool:
+    """A complete cache of fingerprint ``fp``: a valid manifest, every planned shard valid, no
+    strays (shards unchanged since they were checked are not re-read)."""
+    from stages.cache.manifest import read_manifest
+
+    if not (cache_dir / MANIFEST_FILE).is_file() or verify_cache(cache_dir, trust_verified=True):
+        return False
+    return read_manifest(cache_dir)["fingerprint"] == fp
 
 
 

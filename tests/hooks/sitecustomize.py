@@ -6,7 +6,8 @@ whichever process does the work.
 
 ``<cache dir>/.test-fault``: comma-separated ``crash_once:<shard>`` (the worker process dies
 right after writing the first row group of that shard, once: a ``.fault-crashed-<shard>``
-marker remembers it) and ``sleep:<seconds>`` (after every row group).
+marker remembers it) and ``sleep:<seconds>`` (after every row group) and ``nan:<window>:<position>`` (the teacher's
+hidden state there becomes NaN, as an overflowing teacher would make it).
 ``<run dir>/.test-step-delay``: seconds to sleep after every optimizer step.
 """
 
@@ -39,6 +40,30 @@ def _install() -> None:
         return out
 
     writer.CacheWriter.write = faulty_write
+
+    import stages.cache.stage as cache_stage
+
+    init = cache_stage.CacheWorker.__init__
+
+    def poisoned_init(self, job, *args, **kwargs):
+        init(self, job, *args, **kwargs)
+        spec = Path(job.cache_dir) / ".test-fault"
+        nans = [p.split(":")[1:] for p in spec.read_text().strip().split(",") if p.startswith("nan:")] \
+            if spec.is_file() else []
+        if not nans:
+            return
+        select = self.scorer.select
+
+        def poisoned_select(hidden, window_ids=None):
+            for window, pos in nans:
+                if window_ids is not None and int(window) in window_ids:
+                    hidden = hidden.clone()
+                    hidden[window_ids.index(int(window)), int(pos)] = float("nan")
+            return select(hidden, window_ids)
+
+        self.scorer.select = poisoned_select
+
+    cache_stage.CacheWorker.__init__ = poisoned_init
 
     train, step = loop.train, loop.train_step
 
