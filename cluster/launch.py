@@ -10,18 +10,25 @@ over gloo, in fp32; with GPUs, NCCL and bf16.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from cluster.head import free_port
-from pipeline.errors import UserError
+from pipeline.errors import Stopped, UserError
 from stages.specs import TrainSpec
 from stages.train.checkpoint import complete_tags
-from stages.train.loop import read_job, write_job
+from stages.train.loop import RANK_ERROR_ENV, read_job, write_job
+
+RANK_ERROR = ".rank-error"  # a rank's UserError, written by the first rank that meets one
+
 from stages.train.plan import MODEL_DIR, default_workers, preflight, threads_per_rank
 
 
@@ -67,12 +74,75 @@ def run_training(spec: TrainSpec, inputs: dict[int, Path], run: Path, workers: i
     if spec.train.launcher == "ray":
         return run_on_ray(job, spec, workers, address, resume)
     cmd = local_command(spec.train.local_runner, job, workers, resume)
-    proc = subprocess.run(cmd, env=rank_env(workers))
-    if proc.returncode == 2:
-        raise UserError("training stopped on bad input (see the error above)")
-    if proc.returncode != 0:
-        raise RuntimeError(f"training ranks failed (exit {proc.returncode}): {' '.join(cmd)}")
+    code = run_ranks(cmd, {**rank_env(workers), RANK_ERROR_ENV: str(run / RANK_ERROR)}, run / RANK_ERROR)
+    if code != 0:
+        raise RuntimeError(f"training ranks failed (exit {code}): {' '.join(cmd)}")
     return run / MODEL_DIR
+
+
+def _die_with_parent() -> None:
+    """Runs in the launcher's child before exec: it gets SIGTERM if this process dies, even
+    by SIGKILL (Linux), and passes it on to its ranks."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_ranks(cmd: list[str], env: dict[str, str], error_file: Path, grace_s: float = 8.0) -> int:
+    """Run the rank launcher in its own process group and wait for it.
+
+    SIGINT or SIGTERM to this process goes to the whole group (the launcher and every rank;
+    SIGKILL after ``grace_s``), then :class:`Stopped` is raised: nothing is left running. A
+    rank that met bad input writes ``error_file``; its message is raised as the one
+    ``UserError``, and the launcher's own failure report (which only repeats that a rank
+    exited) is not forwarded."""
+    error_file.unlink(missing_ok=True)
+    got: list[tuple[int, float]] = []  # (signal, when)
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True,
+                            preexec_fn=_die_with_parent)
+
+    def forward() -> None:
+        for line in proc.stderr:
+            if not error_file.exists():
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    pump = threading.Thread(target=forward, daemon=True)
+    pump.start()
+
+    def stop(signum: int, _frame: object) -> None:
+        got.append((signum, time.monotonic()))
+        with contextlib.suppress(ProcessLookupError):  # the group has exited already
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while proc.poll() is None:
+            if got and time.monotonic() - got[0][1] > grace_s:
+                with contextlib.suppress(ProcessLookupError):  # the group has exited already
+                    os.killpg(proc.pid, signal.SIGKILL)
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):  # the group has exited already
+            os.killpg(proc.pid, signal.SIGKILL)  # a rank the launcher left behind
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):  # the group has exited already
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    pump.join(timeout=5)
+    if got:
+        raise Stopped(got[0][0])
+    if error_file.exists():
+        message = error_file.read_text().strip()
+        error_file.unlink(missing_ok=True)
+        raise UserError(message)
+    return proc.returncode
+
 
 
 # ----------------------------------------------------------------------------- Ray Train

@@ -8,13 +8,14 @@ Imports of heavy libraries (torch, ray, deepspeed) happen inside commands so tha
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
 import click
 
 from pipeline.config import load_config
-from pipeline.errors import UserError, storage_error
+from pipeline.errors import Stopped, UserError, storage_error
 
 config_arg = click.argument("config", type=click.Path(dir_okay=False))
 student_opt = click.option("--student", default=None, help="Only this student (a students: name, or NAME-sSEED).")
@@ -424,11 +425,17 @@ def run_cmd(config: str, address: str | None) -> None:
     run_pipeline(load_config(config), address)
 
 
+def _on_sigterm(signum: int, _frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C: ``finally`` blocks shut the embedded Ray and the ranks down."""
+    raise Stopped(signum)
+
+
 def main() -> None:
     # Quiet by default: no per-file weight-loading bars from transformers / huggingface_hub
     # (inherited by the training ranks and Ray workers this process starts).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli.main(standalone_mode=False)
     except UserError as err:
@@ -443,6 +450,12 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("stopped (SIGINT)", err=True)
+        sys.exit(130)
+    except Stopped as err:
+        click.echo(f"stopped ({err})", err=True)
+        sys.exit(128 + err.signum)
     except click.UsageError as err:  # one line, like every other bad input
         hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
         click.echo(f"error: {err.format_message()}{hint}", err=True)

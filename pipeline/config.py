@@ -416,6 +416,8 @@ class TrainConfig(Strict):
     tiled_mlp: bool = False  # DeepSpeed TiledMLP: MLP activations bounded by one tile
     loss_tile: int = Field(1024, gt=0)  # positions per KD-loss tile
     keep_checkpoints: int = Field(2, gt=0)  # newest complete checkpoints kept
+    # Consecutive optimizer steps DeepSpeed may skip (loss-scale overflow) before the run stops.
+    max_skipped_steps: int = Field(10, gt=0)
     prefetch: int = Field(4, gt=0)  # micro-batches read ahead by the loader thread
     log_every_s: float = Field(10.0, gt=0)  # progress line interval (rank 0)
     kd: KDConfig = KDConfig()

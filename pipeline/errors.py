@@ -8,6 +8,17 @@ class UserError(Exception):
     """Bad input that the user can fix. The CLI prints it on one line and exits 2."""
 
 
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived; raised once whatever this process started has been stopped,
+    so the CLI exits 128 + the signal number (130, 143)."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 _STORAGE_HINTS = {
     errno.ENOSPC: "free space there, or point run.out_dir / cache.root at a larger volume",
     errno.EDQUOT: "the disk quota is used up: free space, or point run.out_dir / cache.root elsewhere",

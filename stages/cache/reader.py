@@ -35,6 +35,10 @@ from pipeline.fingerprint import differences
 from stages.cache.codec import codec_from_footer, flat_values
 from stages.cache.manifest import read_manifest
 
+# Shards carry page CRCs; checking them costs little next to decoding (bench/checksum_cost.py
+# measures it by switching this off).
+PAGE_CHECKSUMS = True
+
 
 def check_cache(cache_dir: str | Path, expected_identity: dict[str, Any]) -> dict[str, Any]:
     """The cache's manifest if it was computed for ``expected_identity``, else a UserError
@@ -178,8 +182,7 @@ class ShardReader(IterableDataset):
 
     def _open(self, name: str) -> tuple[pq.ParquetFile, Any]:
         if name not in self._files:
-            # Shards carry page CRCs; checking them costs little next to decoding (bench/checksum_cost).
-            pf = pq.ParquetFile(self.cache_dir / name, page_checksum_verification=True)
+            pf = pq.ParquetFile(self.cache_dir / name, page_checksum_verification=PAGE_CHECKSUMS)
             self._files[name] = (pf, codec_from_footer(self.codec_name, self.kind, pf.metadata.metadata))
         return self._files[name]
 

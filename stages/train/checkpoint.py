@@ -32,7 +32,7 @@ MARKER = "complete"
 STATE = "state.json"
 HF_DIR = "hf"
 # Config keys that may change between a checkpoint and its resume without changing the numbers.
-RESUME_FREE_KEYS = ("save_every", "keep_checkpoints", "log_every_s", "prefetch", "launcher", "local_runner",
+RESUME_FREE_KEYS = ("save_every", "keep_checkpoints", "max_skipped_steps", "log_every_s", "prefetch", "launcher", "local_runner",
                     "workers")
 
 

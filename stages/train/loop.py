@@ -31,6 +31,9 @@ from stages.specs import PhaseSpec, TrainSpec, spec_to_dict, train_spec_from_dic
 from stages.train.plan import MODEL_DIR, Geometry, geometry, lr_at, preflight, threads_per_rank
 
 JOB_FILE = "train_job.json"
+# Where a rank reports bad input (set by the launcher in ``cluster.launch``): the first rank to
+# fail writes its message there, so the user sees it once, whichever rank it was.
+RANK_ERROR_ENV = "POSDISTILL_RANK_ERROR_FILE"
 
 
 def write_job(spec: TrainSpec, inputs: dict[int, Path], run_dir: Path) -> Path:
@@ -126,6 +129,10 @@ def _rank0_preflight(spec: TrainSpec, inputs: dict[int, Path], env: DistEnv) -> 
         raise UserError(msg[0])
 
 
+class NonFiniteTraining(UserError):
+    """A NaN/inf target, loss or gradient norm: every step after it would train on garbage."""
+
+
 @dataclass
 class StepStats:
     loss: float
@@ -136,15 +143,21 @@ class StepStats:
 
 
 def train_step(engine: Any, data: Any, phase: PhaseSpec, geo: Geometry, device: torch.device) -> StepStats:
-    """One optimizer step: ``grad_accum`` micro-batches, then sums reduced over all ranks."""
-    sums = torch.zeros(5, dtype=torch.float64)  # kd_sum, ce_sum, kd_positions, ce_positions, wait_s
+    """One optimizer step: ``grad_accum`` micro-batches, then sums reduced over all ranks.
+    Non-finite targets and losses are counted on every rank and reduced with the sums, so all
+    ranks see them in the same step and stop together (no rank is left in a collective)."""
+    # kd_sum, ce_sum, kd_positions, ce_positions, wait_s, non-finite target values, non-finite losses
+    sums = torch.zeros(7, dtype=torch.float64)
     tokens = 0
     for _ in range(geo.grad_accum):
         t0 = time.perf_counter()
         batch = next(data)
         sums[4] += time.perf_counter() - t0
         batch = batch.to(device)
+        if batch.logp is not None:
+            sums[5] += int((~torch.isfinite(batch.logp)).sum())
         loss, kd_sum, ce_sum = engine(batch, phase.kd)
+        sums[6] += 0 if torch.isfinite(loss).item() else 1
         engine.backward(loss)
         engine.step()
         sums[0] += kd_sum.item()
@@ -152,13 +165,18 @@ def train_step(engine: Any, data: Any, phase: PhaseSpec, geo: Geometry, device: 
         sums[2] += 0 if batch.ids is None else batch.ids.shape[0] * batch.ids.shape[1]
         sums[3] += int((batch.labels != -100).sum())
         tokens += batch.tokens
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    reduced = sums.to(device)  # NCCL reduces device tensors only
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    sums = reduced.cpu()
+    if sums[5] > 0:
+        raise NonFiniteTraining(f"{int(sums[5])} non-finite teacher log-probs in this step's batch: the cache is "
+                                "bad (`posdistill cache verify --deep` names the windows)")
     kd = sums[0].item() / sums[2].item() if sums[2] > 0 else None
     ce = sums[1].item() / max(sums[3].item(), 1.0)
     a, tau = phase.kd.alpha, phase.kd.temperature
     loss = (a * tau * tau * kd if kd is not None else 0.0) + (1 - a) * ce
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {loss} (kd {kd}, ce {ce}) in phase {phase.name}")
+    if sums[6] > 0 or not math.isfinite(loss):
+        raise NonFiniteTraining(f"non-finite loss (kd {kd}, ce {ce}) on {int(sums[6])} micro-batch(es)")
     return StepStats(loss=loss, kd=kd, ce=ce, tokens=tokens * geo.dp, wait_s=sums[4].item() / geo.world)
 
 
@@ -226,6 +244,7 @@ def train(spec: TrainSpec, inputs: dict[int, Path], run: Path, resume: bool = Fa
     progress = Progress(f"train {spec.label}", phases[-1].end, unit="steps", interval=t.log_every_s,
                         enabled=env.rank == 0)
     progress.done = step
+    skipped = 0  # consecutive optimizer steps DeepSpeed skipped
 
     for phase in phases:
         if step >= phase.end:
@@ -242,10 +261,22 @@ def train(spec: TrainSpec, inputs: dict[int, Path], run: Path, resume: bool = Fa
                 for group in engine.optimizer.param_groups:
                     group["lr"] = lr
                 t0 = time.perf_counter()
-                s = train_step(engine, data, phase, geo, env.device)
+                try:
+                    s = train_step(engine, data, phase, geo, env.device)
+                except NonFiniteTraining as err:
+                    raise NonFiniteTraining(f"train: {phase.name} step {step + 1}: {err}; stopped before saving "
+                                            "it (the last checkpoint is clean)") from None
                 dt = time.perf_counter() - t0
                 step += 1
                 grad_norm = engine.get_global_grad_norm()
+                skipped = skipped + 1 if not engine.was_step_applied() else 0
+                if skipped >= t.max_skipped_steps:
+                    raise NonFiniteTraining(f"train: {phase.name} step {step}: DeepSpeed skipped the last {skipped} "
+                                            "optimizer steps (gradient overflow; train.max_skipped_steps="
+                                            f"{t.max_skipped_steps})")
+                if not skipped and grad_norm is not None and not math.isfinite(float(grad_norm)):
+                    raise NonFiniteTraining(f"train: {phase.name} step {step}: gradient norm is {float(grad_norm)}; "
+                                            "stopped before saving it (the last checkpoint is clean)")
                 metrics.log({"phase": phase.index, "step": step, "loss": s.loss, "kd": s.kd, "ce": s.ce, "lr": lr,
                              "tokens": s.tokens, "tokens_per_s": s.tokens / dt, "step_s": dt,
                              "wait_s": s.wait_s, "grad_norm": None if grad_norm is None else float(grad_norm),
@@ -266,6 +297,19 @@ def train(spec: TrainSpec, inputs: dict[int, Path], run: Path, resume: bool = Fa
     return out
 
 
+def _report(message: str) -> None:
+    target = os.environ.get(RANK_ERROR_ENV)
+    if target:
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # the first rank wins
+        except FileExistsError:
+            return
+        with os.fdopen(fd, "w") as f:
+            f.write(message + "\n")
+    elif int(os.environ.get("RANK", 0)) == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -280,8 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         spec, inputs, run = read_job(args.job)
         train(spec, inputs, run, resume=args.resume)
     except UserError as err:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+        _report(str(err))
         code = 2
     finally:
         if dist.is_initialized():

@@ -9,6 +9,8 @@ right after writing the first row group of that shard, once: a ``.fault-crashed-
 marker remembers it) and ``sleep:<seconds>`` (after every row group) and ``nan:<window>:<position>`` (the teacher's
 hidden state there becomes NaN, as an overflowing teacher would make it).
 ``<run dir>/.test-step-delay``: seconds to sleep after every optimizer step.
+``<run dir>/.test-fault``: ``nan_target:<step>`` (rank 0's teacher log-probs of that step
+become NaN) or ``nan_loss:<step>`` (a rank-0 weight becomes NaN just before that step).
 """
 
 import os
@@ -69,6 +71,28 @@ def _install() -> None:
 
     def slowed_train(spec, inputs, run, *args, **kwargs):
         delay_file = Path(run) / ".test-step-delay"
+        fault_file = Path(run) / ".test-fault"
+        if fault_file.is_file() and os.environ.get("RANK", "0") == "0":
+            kind, _, at = fault_file.read_text().strip().partition(":")
+            calls = [0]
+
+            def faulty_step(engine, data, *a, **k):
+                calls[0] += 1
+                if calls[0] == int(at) and kind == "nan_loss":
+                    next(engine.module.parameters()).data.fill_(float("nan"))
+                if calls[0] == int(at) and kind == "nan_target":
+                    inner = data
+
+                    class Poisoned:
+                        def __next__(self):
+                            batch = next(inner)
+                            batch.logp.view(-1)[7] = float("nan")
+                            return batch
+
+                    data = Poisoned()
+                return step(engine, data, *a, **k)
+
+            loop.train_step = faulty_step
         if delay_file.is_file():
             delay = float(delay_file.read_text())
 
