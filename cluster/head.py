@@ -49,6 +49,13 @@ def read_state(state_dir: Path = STATE_DIR) -> HeadInfo | None:
     return HeadInfo(**json.loads(f.read_text())) if f.is_file() else None
 
 
+def running_head(state_dir: Path = STATE_DIR) -> HeadInfo | None:
+    """The head ``up`` started, if its processes still run (a stale state file left by a
+    killed head must not claim an address something else now answers on)."""
+    info = read_state(state_dir)
+    return info if info is not None and _our_processes(info.temp_dir) else None
+
+
 def _our_processes(temp_dir: str) -> list:
     import psutil
 

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from cluster.auth import client_headers, explain_auth_failure
+from cluster.head import HeadInfo, running_head
 from cluster.upload import staging_dir
 from pipeline.config import Config
 from pipeline.errors import UserError
@@ -74,17 +75,14 @@ def is_loopback(address: str) -> bool:
         return False
 
 
-def default_python(address: str, state_dir: Path | None = None) -> str:
-    """The interpreter a job's entrypoint runs: ours when ``address`` is the loopback head
-    ``posdistill cluster up`` started (that head runs under this very interpreter, which has
-    the project's dependencies), else ``python`` on the cluster's PATH (a cluster image with
-    posdistill installed). A loopback address alone is not enough: a port-forward to a remote
-    cluster is loopback too, and our interpreter's path means nothing there."""
-    from cluster.head import read_state
-
-    info = read_state(state_dir) if state_dir is not None else read_state()
-    if info is not None and is_loopback(address) and is_loopback(info.dashboard) \
-            and _endpoint(address)[1] == _endpoint(info.dashboard)[1]:
+def default_python(address: str, head: HeadInfo | None) -> str:
+    """The interpreter a job's entrypoint runs: ours when ``address`` is ``head``, the loopback
+    head ``posdistill cluster up`` started (it runs under this very interpreter, which has the
+    project's dependencies), else ``python`` on the cluster's PATH (a cluster image with
+    posdistill installed). A loopback address alone is not enough: ``ray dashboard`` forwards a
+    remote cluster to localhost:8265, and our interpreter's path means nothing there."""
+    if head is not None and is_loopback(address) and is_loopback(head.dashboard) \
+            and _endpoint(address)[1] == _endpoint(head.dashboard)[1]:
         return sys.executable
     return "python"
 
@@ -109,7 +107,7 @@ def submit(stage: str, cfg: Config, address: str, extra_args: list[str] | None =
         if str(job.status.value if hasattr(job.status, "value") else job.status) in LIVE:
             return job.submission_id, False
     sid = f"{prefix}-{len(attempts) + 1}"
-    command = entrypoint(stage, extra_args, python or default_python(address))
+    command = entrypoint(stage, extra_args, python or default_python(address, running_head()))
     env_vars = {CONFIG_ENV: yaml.safe_dump(cfg.resolved(), sort_keys=False)}
     with staging_dir(PROJECT_ROOT) as upload:
         _submit_when_ready(c, address, sid, command, {"working_dir": str(upload), "env_vars": env_vars})

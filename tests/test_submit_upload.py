@@ -1,11 +1,9 @@
 """What a submitted job receives, and who can read the Ray token: no Ray needed here (the
 real head's upload and token mode are checked end to end in tests/test_cluster.py)."""
 
-import json
 import os
 import stat
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -53,21 +51,15 @@ def test_every_python_file_of_the_packages_is_staged(tree):
             assert "__pycache__" in rel or rel.split("/")[-1].startswith(".") or rel in staged, rel
 
 
-def _write_state(state_dir: Path, dashboard: str) -> Path:
-    info = HeadInfo(gcs_address="127.0.0.1:6379", dashboard=dashboard, temp_dir="/tmp/x",
+def test_job_python_is_ours_only_for_the_head_we_started():
+    head = HeadInfo(gcs_address="127.0.0.1:6379", dashboard="http://127.0.0.1:8265", temp_dir="/tmp/x",
                     token_path=str(auth.DEFAULT_TOKEN_PATH), started_at=0.0)
-    (state_dir / "head.json").write_text(json.dumps(asdict(info)))
-    return state_dir
-
-
-def test_job_python_is_ours_only_for_the_head_we_started(tmp_path):
-    state = _write_state(tmp_path, "http://127.0.0.1:8265")
-    assert default_python("http://127.0.0.1:8265", state) == sys.executable
-    assert default_python("localhost:8265", state) == sys.executable
-    # Loopback but not our head (a port-forward to a remote cluster): the cluster's python.
-    assert default_python("http://127.0.0.1:9999", state) == "python"
-    assert default_python("http://10.0.0.5:8265", state) == "python"
-    assert default_python("http://127.0.0.1:8265", tmp_path / "no-head") == "python"
+    assert default_python("http://127.0.0.1:8265", head) == sys.executable
+    assert default_python("localhost:8265", head) == sys.executable
+    # Loopback but not our head (`ray dashboard` forwarding a remote cluster): the cluster's python.
+    assert default_python("http://127.0.0.1:9999", head) == "python"
+    assert default_python("http://10.0.0.5:8265", head) == "python"
+    assert default_python("http://127.0.0.1:8265", None) == "python"
     assert is_loopback("http://[::1]:8265") and not is_loopback("http://ray-head:8265")
 
 
