@@ -1,11 +1,16 @@
 """Ray token authentication for clients: where the token comes from, and what a 401 means.
 
-The token is never printed; only where it was found.
+The token is never printed; only where it was found. ``ray start`` writes the token file
+mode 0644 (readable by every local user, who could then submit jobs as us): the file
+posdistill manages (``~/.ray/auth_token``) is tightened to 0600 wherever posdistill creates or
+reads it, and any other token file readable by group or others gets a one-line warning.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import sys
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -15,11 +20,52 @@ HOW_TO_AUTH = ("set RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PAT
                f"(default {DEFAULT_TOKEN_PATH}); `posdistill cluster up` prints where a local head keeps it")
 
 
+_warned: set[str] = set()
+
+
+def private_dir(path: Path) -> bool:
+    """Create ``path`` mode 0700 when missing (so a token written into it is never readable by
+    others, not even before it is tightened); returns whether it was created. An existing
+    directory is the user's and keeps its mode."""
+    if path.exists():
+        return False
+    path.mkdir(parents=True, mode=0o700)
+    path.chmod(0o700)  # mkdir's mode is masked by the umask
+    return True
+
+
+def tighten_token_file(path: Path) -> bool:
+    """Make a token file we own mode 0600; returns whether its mode changed."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    if not stat.S_IMODE(st.st_mode) & 0o077 or st.st_uid != os.getuid():
+        return False
+    path.chmod(0o600)
+    return True
+
+
+def _warn_if_readable(path: Path) -> None:
+    """One stderr line per file and process when a token file is readable by group/others."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return
+    if mode & 0o077 and str(path) not in _warned:
+        _warned.add(str(path))
+        print(f"warning: Ray token file {path} is readable by group/others (mode {mode:04o}); "
+              f"run `chmod 600 {path}`", file=sys.stderr)
+
+
 def find_token() -> tuple[str, str] | None:
     """(token, where it came from), or None when no token is configured."""
     if os.environ.get("RAY_AUTH_TOKEN"):
         return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
     path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or DEFAULT_TOKEN_PATH)
+    if path == DEFAULT_TOKEN_PATH:
+        tighten_token_file(path)  # ours (ray start made it 0644); a user-given path only warns
+    _warn_if_readable(path)
     if path.is_file():
         token = path.read_text().strip()
         if token:

@@ -3,7 +3,9 @@
 Ray resolves ``--node-ip-address 127.0.0.1`` to the machine's outward address for
 ``ray start``; ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes it keep loopback, so the GCS,
 dashboard and client server all listen on 127.0.0.1 only. ``RAY_AUTH_MODE=token`` turns on
-token auth (``ray start`` leaves it off otherwise) and creates ``~/.ray/auth_token``.
+token auth (``ray start`` leaves it off otherwise) and creates ``~/.ray/auth_token``, mode 0644;
+``up`` makes it 0600 (and creates ``~/.ray`` itself, mode 0700, when it is missing) so other
+local users cannot read the token and submit jobs as us.
 
 ``down`` stops exactly the processes ``up`` started: every process whose command line
 names this head's temp dir, and their descendants — never other Ray instances.
@@ -21,7 +23,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cluster.auth import DEFAULT_TOKEN_PATH, client_headers
+from cluster.auth import DEFAULT_TOKEN_PATH, client_headers, private_dir, tighten_token_file
 from pipeline.atomic import atomic_write_json
 from pipeline.errors import UserError
 
@@ -45,6 +47,13 @@ def _state_file(state_dir: Path) -> Path:
 def read_state(state_dir: Path = STATE_DIR) -> HeadInfo | None:
     f = _state_file(state_dir)
     return HeadInfo(**json.loads(f.read_text())) if f.is_file() else None
+
+
+def running_head(state_dir: Path = STATE_DIR) -> HeadInfo | None:
+    """The head ``up`` started, if its processes still run (a stale state file left by a
+    killed head must not claim an address something else now answers on)."""
+    info = read_state(state_dir)
+    return info if info is not None and _our_processes(info.temp_dir) else None
 
 
 def _our_processes(temp_dir: str) -> list:
@@ -87,8 +96,10 @@ def head_up(port: int = 6379, dashboard_port: int = 8265, num_cpus: int | None =
             num_gpus: int | None = None, state_dir: Path = STATE_DIR) -> HeadInfo:
     existing = read_state(state_dir)
     if existing and dashboard_alive(existing.dashboard):
+        tighten_token_file(Path(existing.token_path))
         return existing
     state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(DEFAULT_TOKEN_PATH.parent)
     # Ray's socket paths must stay short (AF_UNIX limit), so the temp dir lives under /tmp.
     temp_dir = f"/tmp/posdistill-ray-{port}"
     shutil.rmtree(temp_dir, ignore_errors=True)
@@ -108,6 +119,7 @@ def head_up(port: int = 6379, dashboard_port: int = 8265, num_cpus: int | None =
     if out.returncode != 0:
         tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-5:])
         raise UserError(f"ray start failed (port {port}, dashboard {dashboard_port}):\n{tail}")
+    tighten_token_file(DEFAULT_TOKEN_PATH)
     info = HeadInfo(gcs_address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dashboard_port}",
                     temp_dir=temp_dir, token_path=str(DEFAULT_TOKEN_PATH), started_at=time.time())
     atomic_write_json(_state_file(state_dir), asdict(info))

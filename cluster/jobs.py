@@ -8,15 +8,20 @@ or stopped attempt is followed by a fresh attempt number (the stages resume on t
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from cluster.auth import client_headers, explain_auth_failure
+from cluster.head import HeadInfo, running_head
+from cluster.upload import staging_dir
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
@@ -24,9 +29,6 @@ from pipeline.fingerprint import fingerprint
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("pack", "cache", "train", "eval", "analyze", "run")
 CONFIG_ENV = "POSDISTILL_CONFIG_YAML"
-# Never upload outputs, caches, checkpoints or VCS data with the code.
-EXCLUDES = ["runs/", ".git/", "**/__pycache__/", "*.egg-info/", "bench/results/", "**/*.parquet",
-            "**/checkpoints/", ".pytest_cache/"]
 LIVE = {"PENDING", "RUNNING", "SUCCEEDED"}
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -57,8 +59,44 @@ def submission_prefix(stage: str, cfg: Config, extra_args: list[str]) -> str:
     return f"posdistill-{stage}-{fp}"
 
 
-def submit(stage: str, cfg: Config, address: str, extra_args: list[str] | None = None) -> tuple[str, bool]:
-    """Submit (or find) the job; returns (submission_id, newly_submitted)."""
+def _endpoint(address: str) -> tuple[str, int | None]:
+    """(host, port) of a dashboard address given as a URL or as ``host:port``."""
+    parts = urlsplit(address if "://" in address else f"http://{address}")
+    return (parts.hostname or "").lower(), parts.port
+
+
+def is_loopback(address: str) -> bool:
+    host = _endpoint(address)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_python(address: str, head: HeadInfo | None) -> str:
+    """The interpreter a job's entrypoint runs: ours when ``address`` is ``head``, the loopback
+    head ``posdistill cluster up`` started (it runs under this very interpreter, which has the
+    project's dependencies), else ``python`` on the cluster's PATH (a cluster image with
+    posdistill installed). A loopback address alone is not enough: ``ray dashboard`` forwards a
+    remote cluster to localhost:8265, and our interpreter's path means nothing there."""
+    if head is not None and is_loopback(address) and is_loopback(head.dashboard) \
+            and _endpoint(address)[1] == _endpoint(head.dashboard)[1]:
+        return sys.executable
+    return "python"
+
+
+def entrypoint(stage: str, extra_args: list[str], python: str) -> str:
+    return " ".join(shlex.quote(a) for a in [python, "-m", "pipeline.cli", stage, f"env:{CONFIG_ENV}", *extra_args])
+
+
+def submit(stage: str, cfg: Config, address: str, extra_args: list[str] | None = None,
+           python: str | None = None) -> tuple[str, bool]:
+    """Submit (or find) the job; returns (submission_id, newly_submitted).
+
+    ``python`` is the job's interpreter (default: :func:`default_python`). The job's
+    ``working_dir`` is a staging copy of the allow-listed files only (``cluster.upload``)."""
     if stage not in STAGES:
         raise UserError(f"stage: '{stage}' is not one of {', '.join(STAGES)}")
     extra_args = list(extra_args or [])
@@ -69,18 +107,21 @@ def submit(stage: str, cfg: Config, address: str, extra_args: list[str] | None =
         if str(job.status.value if hasattr(job.status, "value") else job.status) in LIVE:
             return job.submission_id, False
     sid = f"{prefix}-{len(attempts) + 1}"
-    entrypoint = " ".join(["python", "-m", "pipeline.cli", stage, f"env:{CONFIG_ENV}", *extra_args])
-    runtime_env = {
-        "working_dir": str(PROJECT_ROOT),
-        "excludes": EXCLUDES,
-        "env_vars": {CONFIG_ENV: yaml.safe_dump(cfg.resolved(), sort_keys=False)},
-    }
-    # A freshly started head answers 500 "No available agent" until its job agent is up.
+    command = entrypoint(stage, extra_args, python or default_python(address, running_head()))
+    env_vars = {CONFIG_ENV: yaml.safe_dump(cfg.resolved(), sort_keys=False)}
+    with staging_dir(PROJECT_ROOT) as upload:
+        _submit_when_ready(c, address, sid, command, {"working_dir": str(upload), "env_vars": env_vars})
+    return sid, True
+
+
+def _submit_when_ready(c: Any, address: str, sid: str, command: str, runtime_env: dict) -> None:
+    """Submit, waiting out a freshly started head, which answers 500 "No available agent"
+    until its job agent is up."""
     deadline = time.monotonic() + 120
     while True:
         try:
-            _call(address, c.submit_job, entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env)
-            return sid, True
+            _call(address, c.submit_job, entrypoint=command, submission_id=sid, runtime_env=runtime_env)
+            return
         except RuntimeError as err:
             if "No available agent" not in str(err) or time.monotonic() > deadline:
                 raise

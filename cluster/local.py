@@ -41,10 +41,14 @@ def start_local(num_cpus: int | None = None, num_gpus: int | None = None, **kwar
     """A fresh single-node Ray bound to 127.0.0.1 (dashboard off, token auth as Ray's default)."""
     import ray
 
+    from cluster.auth import DEFAULT_TOKEN_PATH, private_dir, tighten_token_file
+
+    private_dir(DEFAULT_TOKEN_PATH.parent)
     with _loopback():
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                  num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=True,
                  logging_level="WARNING", configure_logging=True, **kwargs)
+    tighten_token_file(DEFAULT_TOKEN_PATH)  # Ray writes it 0644
 
 
 def project_runtime_env() -> dict[str, Any]:

@@ -138,17 +138,22 @@ def cluster_status() -> None:
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
 @address_opt
 @click.option("--follow", is_flag=True, help="Stream the job's logs and exit with its status.")
-def submit(stage: str, config: str, extra: tuple[str, ...], address: str | None, follow: bool) -> None:
+@click.option("--python", "python", metavar="PATH", default=None,
+              help="The job's interpreter on the cluster (default: this interpreter for the local head "
+                   "`cluster up` started, else `python` on the cluster's PATH).")
+def submit(stage: str, config: str, extra: tuple[str, ...], address: str | None, follow: bool,
+           python: str | None) -> None:
     """Submit STAGE (pack, cache, train, eval, analyze, run) for CONFIG as a Ray job.
 
-    Arguments after CONFIG are passed to the stage (e.g. `-- --model DIR` for eval)."""
+    Arguments after CONFIG are passed to the stage (e.g. `-- --model DIR` for eval). Only the
+    allow-listed code and configs are uploaded (cluster/upload.py: UPLOAD_ALLOW)."""
     from cluster import jobs
 
     if stage not in jobs.STAGES:
         raise UserError(f"stage: '{stage}' is not one of {', '.join(jobs.STAGES)}")
     cfg = load_config(config)
     addr = jobs.default_address(address)
-    sid, new = jobs.submit(stage, cfg, addr, list(extra))
+    sid, new = jobs.submit(stage, cfg, addr, list(extra), python=python)
     click.echo(f"{'submitted' if new else 'already submitted'}: {sid} ({jobs.status(addr, sid)})")
     if follow:
         final = jobs.follow(addr, sid)

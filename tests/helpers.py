@@ -74,3 +74,33 @@ def build_cache(cfg: Any, phase: int | None = None, executor: Any = None, force:
     spec = cache_spec_of(cfg, phase)
     executor = executor or make_cache_executor(spec.teacher, spec.cache, address)
     return run_cache(spec, build_pack(cfg, phase), cache_dir_of(cfg, phase), executor, force=force, verbose=verbose)
+
+
+# ----------------------------------------------------------------------------- job uploads
+
+PLANTED_SECRETS = (".env", "configs/secrets.env", "id_rsa", ".aws/credentials", "runs/x.parquet",
+                   "configs/.hidden.yaml", "configs/prod-credentials.json", "configs/tls.pem",
+                   "pipeline/.env", "stages/id_ed25519", "pipeline/__pycache__/cli.cpython-311.pyc",
+                   "configs/runs/out.parquet")
+PLANTED_MARKER = "configs/planted-marker.yaml"  # allowed: tells this tree's upload from others
+
+
+def planted_tree(dest: Path) -> Path:
+    """A copy of the repository's tracked files plus secrets and outputs that no job upload
+    may contain (:data:`PLANTED_SECRETS`), a symlink to one of them, and an allowed marker."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    listing = ["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    tracked = subprocess.run(listing, capture_output=True, check=True, text=True).stdout.split("\0")
+    for rel in filter(None, tracked):
+        if (root / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / rel, dest / rel)
+    for rel in PLANTED_SECRETS:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dest / rel).write_text("SECRET=planted\n")
+    (dest / "configs" / "link.yaml").symlink_to(dest / ".env")
+    (dest / PLANTED_MARKER).write_text("marker: true\n")
+    return dest

@@ -2,9 +2,11 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -16,9 +18,9 @@ PORT, DASH = 6411, 8411
 ADDRESS = f"http://127.0.0.1:{DASH}"
 
 
-def cli(*args, env=None, check=True):
+def cli(*args, env=None, check=True, cwd=None):
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})}, timeout=600)
+                         env={**os.environ, **(env or {})}, timeout=600, cwd=cwd)
     if check and out.returncode != 0:
         raise AssertionError(f"{args} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
     return out
@@ -52,6 +54,44 @@ def test_head_binds_loopback_only(head):
     from cluster.head import _our_processes
     addrs = _listening_addresses([p.pid for p in _our_processes(status["temp_dir"])])
     assert addrs and all(a in ("127.0.0.1", "::ffff:127.0.0.1") for a in addrs), addrs
+
+
+def test_token_file_private(head):
+    token_path = json.loads(cli("cluster", "status", env=head).stdout)["token_path"]
+    assert stat.S_IMODE(os.stat(token_path).st_mode) == 0o600
+
+
+def _uploaded_packages(temp_dir: str) -> list:
+    """The working dirs the head unpacked for its jobs."""
+    found = Path(temp_dir).glob("session_*/runtime_resources/working_dir_files/*")
+    return sorted({d.resolve() for d in found if d.is_dir()})  # session_latest links to the session
+
+
+def test_submit_uploads_only_the_allow_list(head, tmp_path):
+    """Submitted from a tree holding secrets and outputs, the job runs (on our interpreter:
+    the local head's) and what the head unpacked holds none of them."""
+    from helpers import PLANTED_MARKER, PLANTED_SECRETS, planted_tree
+
+    tree = planted_tree(tmp_path / "tree")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"run": {"name": "upload", "out_dir": str(tmp_path / "run")},
+                                   "data": {"synthetic": {"num_docs": 60}},
+                                   "pack": {"window_len": 128, "doc_len": [16, 48]}}))
+    env = {**head, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
+    out = cli("submit", "pack", str(cfg), "--address", ADDRESS, "--follow", env=env, cwd=tree)
+    assert out.stdout.rstrip().endswith("SUCCEEDED") and "pack: computed" in out.stdout, out.stdout[-2000:]
+    sid = out.stdout.split("submitted: ")[1].split()[0]
+    row = next(r for r in cli("jobs", "list", "--address", ADDRESS, env=head).stdout.splitlines() if sid in r)
+    assert f"{sys.executable} -m pipeline.cli pack" in row
+    temp_dir = json.loads(cli("cluster", "status", env=head).stdout)["temp_dir"]
+    ours = [d for d in _uploaded_packages(temp_dir) if (d / PLANTED_MARKER).is_file()]
+    assert len(ours) == 1, _uploaded_packages(temp_dir)
+    got = {str(p.relative_to(ours[0])) for p in ours[0].rglob("*") if p.is_file()}
+    assert "pipeline/cli.py" in got and "cluster/upload.py" in got and "configs/demo.yaml" in got
+    leaked = [f for f in got if f in PLANTED_SECRETS or f == "configs/link.yaml"
+              or any(part.startswith(".") for part in Path(f).parts)]
+    assert leaked == []
+    assert not any(Path(f).parts[0] in ("tests", "bench", "runs") for f in got)
 
 
 def test_submit_dedup_and_auth(head, tmp_path):
