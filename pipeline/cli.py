@@ -390,15 +390,16 @@ def train(config: str, address: str | None, workers: int | None, resume: bool, s
     teacher caches it needs first. A run directory with a complete checkpoint continues from it."""
     from pipeline.graph import build_graph, is_done
     from pipeline.fingerprint import fingerprint
-    from stages.train.checkpoint import complete_tags
+    from stages.train.checkpoint import intact_tags
 
     graph = build_graph(load_config(config), address=address, workers=workers)
     nodes = graph.select("train", student=student)
     if resume:
         for n in nodes:
             if n.stage == "train" and not is_done(n, n.locate(), fingerprint(n.identity())) \
-                    and not complete_tags(n.locate() / "checkpoints"):
-                raise UserError(f"--resume: {n.name}: no complete checkpoint under {n.locate() / 'checkpoints'}")
+                    and not intact_tags(n.locate() / "checkpoints"):
+                raise UserError(f"--resume: {n.name}: no complete, intact checkpoint under "
+                                f"{n.locate() / 'checkpoints'}")
     graph.run(nodes)
     for s in graph.students:
         if student is None or student in (s.variant, s.label):

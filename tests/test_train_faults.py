@@ -4,6 +4,7 @@ corrupt newest checkpoint falls back to the previous complete one, and loading a
 checkpoint never runs code hidden in a pickle.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -132,7 +133,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(setup):
     again = _train(cfg, "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "step-00000004" in again.stderr and "step-00000002" in again.stderr, again.stderr[-3000:]
-    assert "resuming from step-00000002" in again.stderr
+    assert "resuming from step-00000002 (step 2)" in again.stderr
     assert (run / "model" / "config.json").is_file()
 
 
@@ -150,17 +151,22 @@ def test_checkpoint_with_a_malicious_pickle_does_not_run_it(setup, tmp_path: Pat
         def __reduce__(self):
             return (os.system, (f"touch {canary}",))
 
-    for f in (run / "checkpoints").rglob("*.pt"):
-        import torch
+    import torch
 
+    tag = run / "checkpoints" / "step-00000002"
+    for f in tag.glob("*.pt"):
         torch.save({"payload": Evil()}, f)
+    # ... and rewrites the marker to match, so only the refusal to unpickle stands in the way
+    files = {str(f.relative_to(tag)): f.stat().st_size for f in sorted(tag.rglob("*")) if f.is_file() and f.name != "complete"}
+    (tag / "complete").write_text(json.dumps({"files": files}))
     assert pickle.loads(pickle.dumps(0)) == 0
     export = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", str(run / "checkpoints"),
                              str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert export.returncode == 2 and not canary.exists(), export.stderr[-3000:]
-    assert len(_errors(export)) == 1 and "checkpoint" in _errors(export)[0]
+    assert len(_errors(export)) == 1 and "refused to load" in _errors(export)[0], export.stderr[-2000:]
     (run / "model").rename(tmp_path / "old-model")
     (run / "_done.json").unlink()
     resumed = _train(cfg, "--resume")
     assert not canary.exists(), resumed.stderr[-3000:]
     assert resumed.returncode == 2 and len(_errors(resumed)) == 1, resumed.stderr[-3000:]
+    assert "refused to load" in _errors(resumed)[0] and "Traceback" not in resumed.stderr

@@ -5,19 +5,28 @@ Layout under ``<run>/checkpoints``::
     step-00000040/            DeepSpeed's files (model, optimizer shards per rank)
     step-00000040/hf/         the model config (with this phase's rope_parameters) + tokenizer
     step-00000040/state.json  global step, phase, every rank's data position, train config
-    step-00000040/complete    written last, after every rank's save has returned
+    step-00000040/complete    written last, after every rank's save has returned: the name
+                              and size of every file of the checkpoint
 
 DeepSpeed's own ``latest`` file can be written by rank 0 before other ranks have finished
 their shards, so it is not used: a checkpoint counts only with its ``complete`` marker, and
 loading names the tag explicitly. Data positions are gathered from all ranks
 (``all_gather_object``) into one JSON list (also passed as DeepSpeed ``client_state``) -
 under ZeRO-1/2 DeepSpeed gives every rank rank 0's client_state on load.
+
+Resume and export take the newest checkpoint that is *intact* — every file its marker lists
+is there with its size, and every zip member's CRC checks out — and say which newer one was
+skipped and why. Loading never unpickles arbitrary objects: ``torch.load`` runs with
+``weights_only=True`` and only the few plain-data DeepSpeed classes its files hold.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +43,81 @@ HF_DIR = "hf"
 # Config keys that may change between a checkpoint and its resume without changing the numbers.
 RESUME_FREE_KEYS = ("save_every", "keep_checkpoints", "max_skipped_steps", "log_every_s", "prefetch", "launcher", "local_runner",
                     "workers")
+
+
+def _safe_globals() -> list[Any]:
+    """The non-tensor classes DeepSpeed's checkpoint files contain: plain data, no code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loading() -> Any:
+    """Every ``torch.load`` inside (DeepSpeed's engine, ``zero_to_fp32``) runs with
+    ``weights_only=True``: a checkpoint someone else wrote cannot run code when loaded."""
+    import pickle
+
+    import torch
+
+    original = torch.load
+
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(_safe_globals()):
+                return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as err:
+            first = str(err).strip().splitlines()[0][:200]
+            raise UserError(f"{f}: refused to load this checkpoint file: it holds objects other than tensors "
+                            f"and plain data ({first})") from None
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def damage(tag: Path) -> str | None:
+    """Why the checkpoint ``tag`` cannot be loaded (a missing, resized or corrupt file), or None."""
+    try:
+        listed = json.loads((tag / MARKER).read_text() or "{}").get("files")
+    except (OSError, ValueError, AttributeError):
+        return f"its '{MARKER}' marker is unreadable"
+    if listed:
+        for name, size in listed.items():
+            f = tag / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != size:
+                return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    for f in sorted(tag.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()
+        except (OSError, zipfile.BadZipFile) as err:
+            return f"{f.name} is not readable ({err})"
+        if bad is not None:
+            return f"{f.name} is corrupt (member {bad})"
+    return None
+
+
+def intact_tags(root: Path, say: Any = None) -> list[Path]:
+    """Complete checkpoints, oldest first, from the newest intact one down (a damaged newer one
+    is reported through ``say`` and skipped)."""
+    tags = complete_tags(root)
+    while tags:
+        why = damage(tags[-1])
+        if why is None:
+            return tags
+        bad, tags = tags[-1], tags[:-1]
+        if say is not None:
+            say(f"train: checkpoint {bad.name} is damaged ({why}); "
+                + (f"using the previous complete one, {tags[-1].name}" if tags else "no earlier complete checkpoint"))
+    return []
 
 
 def tag_for(step: int) -> str:
@@ -53,9 +137,11 @@ def find_checkpoint(path: str | Path) -> Path:
     if (p / MARKER).is_file():
         return p
     for root in (p, p / "checkpoints"):
-        tags = complete_tags(root)
+        tags = intact_tags(root, say=lambda m: print(m, file=sys.stderr, flush=True))
         if tags:
             return tags[-1]
+        if complete_tags(root):
+            raise UserError(f"{root}: every complete checkpoint here is damaged ({damage(complete_tags(root)[-1])})")
     raise UserError(f"{p}: no complete checkpoint here (a step-* directory with a '{MARKER}' marker)")
 
 
@@ -90,17 +176,24 @@ class Checkpointer:
             atomic_write_json(path / STATE, meta)
         dist.barrier()  # every rank's shards are on disk
         if self.rank == 0:
-            atomic_write_bytes(path / MARKER, b"")
+            files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
+            atomic_write_bytes(path / MARKER, json.dumps({"files": files}, indent=1).encode())
             for old in complete_tags(self.root)[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
         return path
 
     def resume_point(self) -> ResumePoint | None:
-        tags = complete_tags(self.root)
-        if not tags:
+        """The newest intact checkpoint; rank 0 decides and every rank takes its choice."""
+        choice: list[Any] = [None]
+        if self.rank == 0:
+            tags = intact_tags(self.root, say=lambda m: print(m, file=sys.stderr, flush=True))
+            choice[0] = str(tags[-1]) if tags else None
+        if dist.is_initialized():
+            dist.broadcast_object_list(choice, src=0)
+        if choice[0] is None:
             return None
-        tag = tags[-1]
+        tag = Path(choice[0])
         meta = json.loads((tag / STATE).read_text())
         if meta["world_size"] != self.world:
             raise UserError(f"{tag} was written by {meta['world_size']} ranks, this run has {self.world}: "
@@ -113,8 +206,9 @@ class Checkpointer:
 
     def load(self, engine: Any, point: ResumePoint) -> Any:
         """Load the engine state of ``point``; returns this rank's data position."""
-        load_path, _ = engine.load_checkpoint(str(self.root), tag=point.tag.name, load_module_strict=True,
-                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        with weights_only_loading():
+            load_path, _ = engine.load_checkpoint(str(self.root), tag=point.tag.name, load_module_strict=True,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
             raise UserError(f"{point.tag}: DeepSpeed could not load this checkpoint")
         return point.data_states[self.rank]

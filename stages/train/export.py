@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.atomic import atomic_dir
 from pipeline.errors import UserError
-from stages.train.checkpoint import HF_DIR, STATE, find_checkpoint
+from stages.train.checkpoint import HF_DIR, STATE, find_checkpoint, weights_only_loading
 
 PREFIX = "model."  # StudentWithLoss holds the HF model as .model
 
@@ -35,7 +35,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str = "float32")
     hf = tag / HF_DIR
     if not (hf / "config.json").is_file():
         raise UserError(f"{tag}: no {HF_DIR}/config.json saved with this checkpoint")
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), weights_only_loading():
         state = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
     state = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
     config = AutoConfig.from_pretrained(str(hf), local_files_only=True)

@@ -239,7 +239,7 @@ def train(spec: TrainSpec, inputs: dict[int, Path], run: Path, resume: bool = Fa
     state = ckpt.load(engine, point) if point else None
     step = point.step if point else 0
     if point:
-        say(f"train: resuming from {point.tag} (step {step})")
+        say(f"train: resuming from {point.tag.name} (step {step})")
     metrics = MetricsLog(run, step, enabled=env.rank == 0)
     progress = Progress(f"train {spec.label}", phases[-1].end, unit="steps", interval=t.log_every_s,
                         enabled=env.rank == 0)
