@@ -53,16 +53,19 @@ def running_head(state_dir: Path = STATE_DIR) -> HeadInfo | None:
     """The head ``up`` started, if its processes still run (a stale state file left by a
     killed head must not claim an address something else now answers on)."""
     info = read_state(state_dir)
-    return info if info is not None and _our_processes(info.temp_dir) else None
+    return info if info is not None and _our_processes(info) else None
 
 
-def _our_processes(temp_dir: str) -> list:
+def _our_processes(info: "HeadInfo") -> list:
+    """Every process of the head: those naming its temp dir, the Ray client server (which
+    names only the GCS address, and is re-parented to init), and their children."""
     import psutil
 
     roots = []
+    marks = (info.temp_dir, f"--address={info.gcs_address}")
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if any(temp_dir in arg for arg in (p.info["cmdline"] or [])):
+            if any(m in arg for arg in (p.info["cmdline"] or []) for m in marks):
                 roots.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -109,7 +112,9 @@ def head_up(port: int = 6379, dashboard_port: int = 8265, num_cpus: int | None =
            "--temp-dir", temp_dir, "--disable-usage-stats",
            # Ray's fixed default (52365) collides with any other Ray on the machine, and the
            # head then never gets a job agent ("No available agent to submit job").
-           "--dashboard-agent-listen-port", str(free_port())]
+           "--dashboard-agent-listen-port", str(free_port()),
+           # Likewise the client server's fixed 10001.
+           "--ray-client-server-port", str(free_port())]
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
     if num_gpus is not None:
@@ -138,7 +143,7 @@ def head_down(state_dir: Path = STATE_DIR, timeout: float = 20.0) -> int:
     info = read_state(state_dir)
     if info is None:
         return 0
-    procs = _our_processes(info.temp_dir)
+    procs = _our_processes(info)
     for p in procs:
         try:
             p.terminate()
@@ -160,5 +165,5 @@ def head_status(state_dir: Path = STATE_DIR) -> dict:
     info = read_state(state_dir)
     if info is None:
         return {"running": False}
-    return {"running": dashboard_alive(info.dashboard), "processes": len(_our_processes(info.temp_dir)),
+    return {"running": dashboard_alive(info.dashboard), "processes": len(_our_processes(info)),
             **asdict(info)}

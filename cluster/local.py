@@ -49,6 +49,65 @@ def start_local(num_cpus: int | None = None, num_gpus: int | None = None, **kwar
                  num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=True,
                  logging_level="WARNING", configure_logging=True, **kwargs)
     tighten_token_file(DEFAULT_TOKEN_PATH)  # Ray writes it 0644
+    _start_reaper()
+
+
+# Waits for EOF on stdin (the driver exited, however it died), then stops every process of the
+# embedded session: a SIGKILLed driver runs no cleanup, and Ray's agents would outlive it.
+_REAPER = """
+import os, select, sys, time
+import psutil
+driver, session = int(sys.argv[1]), sys.argv[2]
+seen = {}
+while True:  # every second, remember the driver's descendants (Ray renames its agents' titles)
+    try:
+        for p in psutil.Process(driver).children(recursive=True):
+            if p.pid != os.getpid():
+                seen[p.pid] = p
+    except psutil.Error:
+        pass
+    if select.select([sys.stdin], [], [], 1.0)[0] and not os.read(sys.stdin.fileno(), 1):
+        break
+time.sleep(2)  # a clean ray.shutdown() finishes on its own
+for p in psutil.process_iter(["cmdline"]):
+    try:
+        if any(session in a for a in (p.info["cmdline"] or [])):
+            seen[p.pid] = p
+    except psutil.Error:
+        pass
+procs = [p for p in seen.values() if p.pid != os.getpid()]
+for p in procs:
+    try:
+        p.terminate()
+    except psutil.Error:
+        pass
+_, alive = psutil.wait_procs(procs, timeout=3)
+for p in alive:
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+"""
+_reapers: list[Any] = []
+
+
+def _start_reaper() -> None:
+    import subprocess
+    import sys
+
+    import ray
+
+    session = ray._private.worker._global_node.get_session_dir_path()
+    _reapers.append(subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid()), session], stdin=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+
+
+def _release_reapers() -> None:
+    """After ``ray.shutdown()``: let the reapers sweep what the shutdown left."""
+    while _reapers:
+        r = _reapers.pop()
+        if r.stdin is not None:
+            r.stdin.close()
 
 
 def project_runtime_env() -> dict[str, Any]:
@@ -109,11 +168,30 @@ def ray_session(address: str | None = None) -> Iterator[bool]:
         yield ray.get_runtime_context().gcs_address.startswith("127.0.0.1")
         return
     local = address in (None, "", "local")
-    if local:
-        start_local()
-    else:
-        connect(address)
+    with _keep_sigterm():
+        if local:
+            start_local()
+        else:
+            connect(address)
     try:
         yield local
     finally:
         ray.shutdown()
+        _release_reapers()
+
+
+@contextlib.contextmanager
+def _keep_sigterm() -> Iterator[None]:
+    """``ray.init`` installs a native SIGTERM handler that aborts the process (exit -6),
+    skipping every ``finally``; put back this process's own (the CLI's unwinds and shuts
+    the embedded Ray down)."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)

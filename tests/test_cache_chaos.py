@@ -136,3 +136,49 @@ def test_random_kills_end_byte_identical(tmp_path: Path):
     differ = [name for name in clean if got[name] != clean[name]]
     assert not differ, (SEED, schedule, differ)
     assert landed >= 1, (SEED, schedule)  # at least one driver kill landed mid-job
+
+
+def _started(cfg: Path, cache: Path, log: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
+    """A cache driver with its embedded Ray and actors up and the first shard written."""
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / ".test-fault").write_text("sleep:0.4")
+    driver = _start(cfg, log)
+    deadline = time.monotonic() + 300
+    while not list(cache.glob("shard-*.parquet")) and driver.poll() is None:
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    tree = _tree(driver.pid)
+    assert driver.poll() is None and _actors(driver.pid), log.read_text()[-2000:]
+    return driver, tree
+
+
+def _alive(procs: list[psutil.Process]) -> list[str]:
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(" ".join(p.cmdline())[:120])
+        except psutil.Error:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)])
+def test_signal_to_the_driver_alone_stops_its_embedded_ray(tmp_path: Path, sig: int, code: int):
+    """SIGINT/SIGTERM to the driver process only: it exits 130/143 and within 10 s nothing it
+    started (GCS, raylet, workers, teacher actors) is left. SIGKILL: Ray's processes still
+    go (they share the driver's fate)."""
+    teacher = make_tiny_llama(tmp_path / "teacher", initializer_range=0.2)
+    cfg, cache = _config(tmp_path, teacher, tmp_path / "run")
+    driver, tree = _started(cfg, cache, tmp_path / "driver.log")
+    try:
+        os.kill(driver.pid, sig)
+        driver.wait(timeout=30)
+        assert driver.returncode == code, (tmp_path / "driver.log").read_text()[-2000:]
+        deadline = time.monotonic() + 10
+        while _alive(tree[1:]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _alive(tree[1:]) == [], "left running 10 s after the driver stopped"
+    finally:
+        _kill_all(tree)
+    assert not (cache / "manifest.json").exists()
