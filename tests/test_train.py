@@ -284,7 +284,7 @@ def test_cli_bad_input_exits_2_before_starting_ranks(setup, tmp_path):
     assert proc.returncode == 2 and "300 tokens" in proc.stderr and "Traceback" not in proc.stderr
     assert not (root / "run" / "train" / "never" / "checkpoints").exists()  # no rank started
     proc = _train(_write(_variant(base, "fresh"), root / "fresh.yaml"), "--resume")
-    assert proc.returncode == 2 and "--resume: train fresh: no complete checkpoint" in proc.stderr
+    assert proc.returncode == 2 and "--resume: train fresh: no complete, intact checkpoint" in proc.stderr
 
 
 def test_ray_train_launcher(setup):
