@@ -42,7 +42,8 @@ def engine_for(model: Any, tile: int = 1024) -> Any:
     import deepspeed
 
     from pipeline.config import parse_config
-    from stages.train.loop import deepspeed_config, init_distributed
+    from stages.train.ds_config import deepspeed_config
+    from stages.train.loop import init_distributed
     from stages.train.model import StudentWithLoss
     from stages.train.plan import geometry
 

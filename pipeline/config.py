@@ -29,6 +29,7 @@ def _listed(v: Any) -> Any:
 
 
 Pair = Annotated[tuple[int, int], BeforeValidator(_listed)]
+FloatPair = Annotated[tuple[float, float], BeforeValidator(_listed)]
 Range = Annotated[Pair, AfterValidator(_ordered)]  # [min, max], 1 <= min <= max
 
 
@@ -383,8 +384,26 @@ class DeepSpeedConfig(Strict):
     offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
     offload_param: Literal["none", "cpu", "nvme"] = "none"  # ZeRO-3 only
     nvme_path: str | None = None
-    # Merged last into the generated DeepSpeed config (e.g. {"zero_optimization": {...}}).
-    extra: dict[str, Any] = Field(default_factory=dict)
+    # A DeepSpeed JSON config (a path, read when the config loads, or a mapping), merged with
+    # what posdistill derives; a key set differently in both is an error naming both values.
+    config: dict[str, Any] | str = Field(default_factory=dict)
+
+    @field_validator("config", mode="after")
+    @classmethod
+    def _read_config(cls, v: dict[str, Any] | str) -> dict[str, Any]:
+        if isinstance(v, dict):
+            return v
+        import json
+
+        try:
+            data = json.loads(Path(v).read_text())
+        except OSError as err:
+            raise ValueError(f"cannot read DeepSpeed config {v}: {err.strerror}") from None
+        except ValueError as err:
+            raise ValueError(f"{v} is not JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{v} is not a JSON object")
+        return data
 
     @model_validator(mode="after")
     def _offload(self) -> "DeepSpeedConfig":
@@ -409,6 +428,11 @@ class TrainConfig(Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+    betas: FloatPair = (0.9, 0.95)  # AdamW
+    eps: float = Field(1e-8, gt=0)
+    # bf16 on GPU and fp32 on CPU by default ("auto"); bf16 also trains on CPU; fp16 uses
+    # dynamic loss scaling (GPU only).
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     grad_clip: float = Field(1.0, ge=0)
     save_every: int = Field(100, gt=0)
     sequence_parallel: int = Field(1, gt=0)

@@ -185,6 +185,7 @@ def build_graph(cfg: Config, address: str | None = None, workers: int | None = N
     from stages.cache.stage import check_inputs, run_cache
     from stages.cache.verify import verify_cache
     from stages.pack import run_pack
+    from stages.train.plan import check_train, default_workers
 
     cfg, teacher = _teacher_node(cfg)
     ray_address = resolve_address(address, cfg.cluster.address)
@@ -246,7 +247,8 @@ def build_graph(cfg: Config, address: str | None = None, workers: int | None = N
             run_training(spec, {i: n.out for i, n in inputs.items()}, out, workers=workers, address=ray_address)
 
         node = Node("train", f"train {spec.label}", locate=lambda d=run_dir: d, identity=spec.identity,
-                    compute=compute, deps=deps, students={spec.variant, spec.label})
+                    compute=compute, deps=deps, students={spec.variant, spec.label},
+                    check=lambda spec=spec: check_train(spec.train, workers or spec.train.workers or default_workers()))
         trained[spec.label] = node
         nodes.append(node)
     graph = Graph(cfg, lay, nodes, students)

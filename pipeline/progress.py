@@ -31,6 +31,7 @@ class Progress:
         self.label, self.total, self.unit, self.rate_unit = label, total, unit, rate_unit
         self.done = 0
         self.amount = 0  # what the rate is measured in (tokens by default)
+        self.note = ""  # shown after the count (training: phase and loss)
         self.start = time.monotonic()
         self.enabled = enabled
         self.tty = sys.stderr.isatty()
@@ -49,6 +50,8 @@ class Progress:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         rate = self.amount / elapsed
         parts = [f"{self.label}: {self.done}" + (f"/{self.total}" if self.total else "") + f" {self.unit}"]
+        if self.note:
+            parts.append(self.note)
         if self.amount:
             parts.append(f"{human(rate)} {self.rate_unit}/s")
         if self.total and self.done:

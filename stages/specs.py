@@ -138,6 +138,9 @@ class TrainSpec:
         return json.dumps(spec_to_dict(self), indent=2)
 
 
+EVAL_FORMAT = 2  # eval.json with per-probe scores
+
+
 @dataclass(frozen=True)
 class EvalSpec:
     eval: EvalConfig
@@ -148,7 +151,8 @@ class EvalSpec:
 
     def identity(self) -> dict[str, Any]:
         return {"eval": self.eval.model_dump(mode="json"), "data": self.data.model_dump(mode="json"),
-                "pack": self.pack.model_dump(mode="json"), "seed": self.heldout_seed}
+                "pack": self.pack.model_dump(mode="json"), "seed": self.heldout_seed,
+                "format": EVAL_FORMAT}
 
     def heldout_pack(self, window_len: int) -> PackSpec:
         """The held-out windows for loss by position at ``window_len``."""

@@ -166,6 +166,14 @@ CASES: list[Case] = [
     _raw("lr-negative", "train: {lr: -1.0}\n", ["train.lr"]),
     _raw("kd-loss-unknown", "train: {kd: {loss: cross_entropy_plus}}\n", ["train.kd.loss"]),
     _raw("k-zero", "cache: {k: 0}\n", ["cache.k"]),
+    _raw("precision-unknown", "train: {precision: fp8}\n", ["train.precision"]),
+    _raw("ds-config-missing", "train: {deepspeed: {config: no/such/ds.json}}\n", ["train.deepspeed.config", "no/such/ds.json"]),
+    Case("ds-config-not-json", lambda r: ["plan", str(_cfg(r, train={"deepspeed": {"config": str(
+        (r / "ds.json").write_text("{oops") and r / "ds.json")}}))], ["train.deepspeed.config", "ds.json"]),
+    Case("ds-config-conflict", lambda r: ["train", str(_cfg(
+        r, student={"config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4}},
+        train={"workers": 2, "batch_size": 2, "phases": [{"window_len": 128, "steps": 2}], "kd": {"alpha": 0.0},
+               "deepspeed": {"config": {"train_batch_size": 64}}}))], ["train_batch_size", "64", "train.batch_size"]),
     # --- selecting what does not exist
     _config_case("student-unknown", ["--student", "nobody"], command="pack --student nobody",
                  train={"phases": [{"window_len": 128, "steps": 2}]}),

@@ -1,15 +1,74 @@
-from pipeline.report import verdict
+"""The report's statistics: scored by distance, bootstrap over students and probes, Holm."""
+
+import numpy as np
+
+from pipeline.findings import by_distance, compare, distance_edges, holm
 
 
-def test_verdict_needs_a_margin_beyond_the_seed_spread():
-    assert verdict([0.9, 0.8, 0.85], [0.1, 0.2, 0.15])[0] == "reproduced"
-    assert verdict([0.5, 0.1, 0.9], [0.4, 0.0, 0.8])[0] == "within noise"
-    assert verdict([0.1, 0.2], [0.5, 0.6])[0] == "not reproduced"
-    assert verdict([0.9], [0.1])[0] == "single seed, no interval"
-    v, diff, se2 = verdict([0.7, 0.8], [0.5])
-    assert v == "reproduced" and abs(diff - 0.25) < 1e-9 and abs(se2 - 0.1) < 1e-9
+def _rows(exact_at, distances, rng=None, p=None):
+    """One student's probes: exact 1/0 by ``exact_at(distance)`` or Bernoulli(p)."""
+    out = []
+    for d in distances:
+        x = float(rng.random() < p) if rng is not None else float(exact_at(d))
+        out.append({"distance": d, "exact": x, "token_acc": x})
+    return out
 
 
-def test_verdict_refuses_a_win_at_chance_level():
-    assert verdict([0.040, 0.041, 0.039], [0.016, 0.016, 0.016], chance=1 / 26)[0] == "not reproduced (at chance level)"
-    assert verdict([0.30, 0.31, 0.29], [0.016, 0.016, 0.016], chance=1 / 26)[0] == "reproduced"
+DIST = [8, 30, 60, 200, 300, 500, 700, 900] * 10
+
+
+def test_short_distance_retrieval_is_not_long_context_retrieval():
+    """A student that retrieves only near the question, against a base that never does: the
+    length x depth mean would show a gain; at distance >= the window there is none."""
+    near = [_rows(lambda d: d < 64, DIST) for _ in range(3)]
+    base = [_rows(lambda d: False, DIST)]
+    c = compare("near only", "exact", near, base, long_from=256)
+    holm([c])
+    assert c.diff == 0.0 and c.verdict == "inconclusive"
+    assert by_distance(near[0], [0, 64, 256], "exact") == [1.0, 0.0, 0.0]
+
+
+def test_clear_effects_both_ways():
+    far = [_rows(lambda d: True, DIST) for _ in range(3)]
+    none = [_rows(lambda d: False, DIST) for _ in range(3)]
+    up, down = compare("up", "exact", far, none, 256), compare("down", "exact", none, far, 256)
+    holm([up, down])
+    assert up.verdict == "reproduced" and up.lo > 0
+    assert down.verdict == "not reproduced (reversed)" and down.hi < 0
+
+
+def test_probe_sampling_error_counts_even_with_one_seed():
+    """0.55 vs 0.45 on 20 probes each is within probe noise (the old rule let a single seed
+    through with zero variance)."""
+    rng = np.random.default_rng(0)
+    a = [[{"distance": 500, "exact": float(i < 11), "token_acc": 0.0} for i in range(20)]]
+    b = [[{"distance": 500, "exact": float(i < 9), "token_acc": 0.0} for i in range(20)]]
+    c = compare("one seed", "exact", a, b, 256)
+    holm([c])
+    assert abs(c.diff - 0.1) < 1e-9 and c.lo < 0 < c.hi and c.verdict == "inconclusive"
+    del rng
+
+
+def test_holm_makes_a_marginal_result_inconclusive_among_many():
+    rng = np.random.default_rng(3)
+    a = [_rows(None, [500] * 60, rng, 0.5) for _ in range(3)]
+    b = [_rows(None, [500] * 60, rng, 0.38) for _ in range(3)]
+    alone = compare("marginal", "exact", a, b, 256)
+    holm([alone])
+    assert 0.0 < alone.p < 0.05 and alone.verdict == "reproduced"
+    many = [compare("marginal", "exact", a, b, 256)] + [
+        compare(f"null {i}", "exact", [_rows(None, [500] * 60, rng, 0.5) for _ in range(3)],
+                [_rows(None, [500] * 60, rng, 0.5) for _ in range(3)], 256, seed=i) for i in range(5)]
+    holm(many)
+    assert many[0].level < 0.05 / 5 + 1e-12 and many[0].verdict == "inconclusive"
+
+
+def test_missing_variant_is_not_measured():
+    c = compare("missing", "exact", [], [_rows(lambda d: True, DIST)], 256)
+    holm([c])
+    assert c.verdict == "not measured"
+
+
+def test_distance_buckets():
+    assert distance_edges(256, 128, 1024) == [0, 128, 256, 512, 1024]
+    assert distance_edges(256, 512, 2048) == [0, 256, 512, 1024, 2048]

@@ -71,7 +71,11 @@ def evaluate_model(spec: EvalSpec, lm: LoadedModel, probes: dict[str, list[Probe
     t0 = time.monotonic()
     result: dict[str, Any] = {"name": lm.name, "path": lm.path, "tasks": {}}
     for task, ps in probes.items():
-        g = grid(ps, score_probes(lm.model, ps, ev.batch_tokens, progress), ev.lengths, ev.depths)
+        scores = score_probes(lm.model, ps, ev.batch_tokens, progress)
+        g = grid(ps, scores, ev.lengths, ev.depths)
+        # Per probe too: the report scores claims by distance, with intervals over probes.
+        g["probes"] = [{"length": p.length, "depth": p.depth, "trial": p.trial, "distance": int(p.distance),
+                        "exact": sc["exact"], "token_acc": sc["token_acc"]} for p, sc in zip(ps, scores)]
         g["effective_length"] = effective_length(g["lengths"], g["exact"], ev.threshold)
         result["tasks"][task] = g
     progress.close()

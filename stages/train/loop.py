@@ -28,6 +28,7 @@ import torch.distributed as dist
 from pipeline.errors import UserError
 from pipeline.progress import Progress
 from stages.specs import PhaseSpec, TrainSpec, spec_to_dict, train_spec_from_dict
+from stages.train.ds_config import deepspeed_config, precision
 from stages.train.plan import MODEL_DIR, Geometry, geometry, lr_at, preflight, threads_per_rank
 
 JOB_FILE = "train_job.json"
@@ -84,35 +85,6 @@ def init_distributed() -> DistEnv:
     return DistEnv(rank=dist.get_rank(), world=world, local_rank=local_rank,
                    local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
                    device=torch.device("cuda", local_rank) if gpu else torch.device("cpu"))
-
-
-def deepspeed_config(t: Any, geo: Geometry, gpu: bool) -> dict[str, Any]:
-    ds = t.deepspeed
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
-    for kind, device in (("offload_optimizer", ds.offload_optimizer), ("offload_param", ds.offload_param)):
-        if device != "none":
-            zero[kind] = {"device": device, **({"nvme_path": ds.nvme_path} if device == "nvme" else {})}
-    out: dict[str, Any] = {
-        "train_batch_size": t.batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": geo.grad_accum,
-        "gradient_clipping": t.grad_clip,
-        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                  "weight_decay": t.weight_decay, "torch_adam": True}},
-        "zero_optimization": zero,
-        "bf16": {"enabled": gpu},
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-    return _merge(out, ds.extra)
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    for k, v in extra.items():
-        base[k] = _merge(dict(base[k]), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return base
 
 
 def _rank0_preflight(spec: TrainSpec, inputs: dict[int, Path], env: DistEnv) -> None:
@@ -232,6 +204,7 @@ def train(spec: TrainSpec, inputs: dict[int, Path], run: Path, resume: bool = Fa
     engine, model, rope_plan = build_engine(spec, geo, env)
     tokenizer = load_tokenizer(spec.tokenizer)
 
+    say(f"train: {spec.label}: {env.world} ranks, precision {precision(t, env.gpu)}, ZeRO-{t.deepspeed.zero_stage}")
     ckpt = Checkpointer(run / "checkpoints", env.rank, env.world, t.keep_checkpoints, spec.identity())
     point = ckpt.resume_point()
     if resume and point is None:
@@ -281,6 +254,7 @@ def train(spec: TrainSpec, inputs: dict[int, Path], run: Path, resume: bool = Fa
                              "tokens": s.tokens, "tokens_per_s": s.tokens / dt, "step_s": dt,
                              "wait_s": s.wait_s, "grad_norm": None if grad_norm is None else float(grad_norm),
                              "phase_name": phase.name})
+                progress.note = f"{phase.name} loss {s.loss:.4g}"
                 progress.update(1, s.tokens)
                 if step % t.save_every == 0 or step == phase.end:
                     ckpt.save(engine, step, phase.index, data.state_dict(), model, tokenizer)

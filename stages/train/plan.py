@@ -125,12 +125,23 @@ def check_inputs(phase: PhaseSpec, path: Path) -> Path:
 # ----------------------------------------------------------------------------- preflight
 
 
+def check_train(t: TrainConfig, workers: int) -> None:
+    """Batch geometry, precision and the DeepSpeed config are whole before anything computes
+    (the graph's check of a train node)."""
+    import torch
+
+    from stages.train.ds_config import deepspeed_config
+
+    deepspeed_config(t, geometry(t, workers), gpu=torch.cuda.is_available())
+
+
 def preflight(spec: TrainSpec, inputs: dict[int, Path], world: int) -> None:
     """Every check that can fail on user input, in the launching process."""
     from stages.rope import plan_phases
     from stages.student import student_config
 
     geo = geometry(spec.train, world)
+    check_train(spec.train, world)  # precision, DeepSpeed JSON conflicts
     mcfg, fresh = student_config(spec)  # includes the vocabulary check
     plan_phases(list(spec.phases), mcfg, fresh)  # validates every phase's rope_parameters
     text = mcfg.get_text_config() if hasattr(mcfg, "get_text_config") else mcfg

@@ -1,0 +1,112 @@
+"""The report's comparisons, scored by needle distance with bootstrap intervals.
+
+A retrieval claim is about *distance*: how far before the question the fact sits. A needle
+placed a few tokens before the question is retrieved inside the short pretraining window
+whatever the context length, so averaging over length x depth mixes short-distance cells
+into a "long-context" score. Here every probe is binned by its distance, and a comparison is
+scored only on probes whose distance exceeds both the short pretraining window and the
+longest training document (``long_from``): what no training window ever showed.
+
+Intervals: a two-level bootstrap (students of a variant resampled, then probes within each
+student), so seed-to-seed variation and per-probe sampling error both count; a variant with
+one seed still has its probe error. Across all comparisons of a report the tests are
+Holm-corrected: a comparison is "reproduced" when its Holm-adjusted interval excludes zero
+in the claimed direction, "not reproduced" when it excludes zero in the other direction,
+else "inconclusive".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+ALPHA = 0.05
+BOOTSTRAP = 2000
+
+
+def probe_rows(entry: dict[str, Any], task: str) -> list[dict[str, float]]:
+    g = entry.get("tasks", {}).get(task) or {}
+    return list(g.get("probes") or [])
+
+
+def distance_edges(short: int, longest_doc: int, max_len: int) -> list[int]:
+    """Bucket edges: below the training documents' length, below the short window, then
+    doublings of the short window up to the longest context."""
+    edges = sorted({0, min(longest_doc, short), short})
+    e = short
+    while e < max_len:
+        e *= 2
+        edges.append(min(e, max_len))
+    return sorted(set(edges))
+
+
+def by_distance(rows: list[dict[str, float]], edges: list[int], metric: str) -> list[float]:
+    out = []
+    for lo, hi in zip(edges, edges[1:] + [math.inf]):
+        xs = [r[metric] for r in rows if lo <= r["distance"] < hi]
+        out.append(float(np.mean(xs)) if xs else float("nan"))
+    return out
+
+
+def _boot_means(groups: list[np.ndarray], rng: np.random.Generator, n: int) -> np.ndarray:
+    """[n] bootstrap means of a variant: resample its students, then each one's probes."""
+    groups = [g for g in groups if len(g)]
+    if not groups:
+        return np.full(n, np.nan)
+    out = np.empty(n)
+    for b in range(n):
+        picked = rng.integers(0, len(groups), len(groups))
+        out[b] = np.mean([groups[i][rng.integers(0, len(groups[i]), len(groups[i]))].mean() for i in picked])
+    return out
+
+
+@dataclass
+class Comparison:
+    title: str
+    metric: str
+    diff: float
+    boot: np.ndarray  # bootstrap differences
+    n_a: tuple[int, int]  # (students, probes)
+    n_b: tuple[int, int]
+    p: float = float("nan")
+    level: float = ALPHA  # Holm-adjusted level for its interval
+    verdict: str = "not measured"
+    lo: float = float("nan")
+    hi: float = float("nan")
+
+
+def compare(title: str, metric: str, a: list[list[dict[str, float]]], b: list[list[dict[str, float]]],
+            long_from: int, seed: int = 0) -> Comparison:
+    """mean(a) - mean(b) over probes at distance >= ``long_from``, with its bootstrap."""
+    ga = [np.array([r[metric] for r in rows if r["distance"] >= long_from], dtype=float) for rows in a]
+    gb = [np.array([r[metric] for r in rows if r["distance"] >= long_from], dtype=float) for rows in b]
+    ga, gb = [g for g in ga if len(g)], [g for g in gb if len(g)]
+    n_a, n_b = (len(ga), sum(map(len, ga))), (len(gb), sum(map(len, gb)))
+    if not ga or not gb:
+        return Comparison(title, metric, float("nan"), np.array([]), n_a, n_b)
+    rng = np.random.default_rng(seed)
+    diff = float(np.mean([g.mean() for g in ga]) - np.mean([g.mean() for g in gb]))
+    boot = _boot_means(ga, rng, BOOTSTRAP) - _boot_means(gb, rng, BOOTSTRAP)
+    p = 2 * min(float(np.mean(boot <= 0)), float(np.mean(boot >= 0)))
+    return Comparison(title, metric, diff, boot, n_a, n_b, p=min(1.0, max(p, 1.0 / BOOTSTRAP)))
+
+
+def holm(comps: list[Comparison], alpha: float = ALPHA) -> None:
+    """Holm's step-down levels; each comparison's interval is taken at its own level."""
+    measured = sorted([c for c in comps if len(c.boot)], key=lambda c: c.p)
+    m = len(measured)
+    stop = False
+    for i, c in enumerate(measured):
+        c.level = alpha / (m - i)
+        c.lo, c.hi = (float(np.quantile(c.boot, c.level / 2)), float(np.quantile(c.boot, 1 - c.level / 2)))
+        rejected = not stop and c.p <= c.level
+        stop = stop or not rejected
+        if rejected and c.lo > 0:
+            c.verdict = "reproduced"
+        elif rejected and c.hi < 0:
+            c.verdict = "not reproduced (reversed)"
+        else:
+            c.verdict = "inconclusive"
