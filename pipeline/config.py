@@ -93,6 +93,9 @@ class PackConfig(Strict):
     doc_len: Range = (64, 256)
     # Chunks held for the seeded shuffle; bounds memory independently of corpus size.
     shuffle_buffer: int = Field(4096, gt=0)
+    # Stop after this many windows, reading no more of the corpus than they need (a training
+    # phase's pack is sized to what its steps consume; None: the whole corpus).
+    max_windows: int | None = Field(None, gt=0)
 
 
     @model_validator(mode="after")
@@ -358,6 +361,16 @@ class PhaseConfig(Strict):
     # Document lengths packed into this phase's windows (default: pack.doc_len); e.g. one
     # window-long document per window for a short pretraining phase.
     doc_len: Range | None = None
+    # The windows packed (and cached) for this phase: steps x batch_size by default (each seen
+    # once); ``epochs: E`` packs 1/E of that and reads it E times; ``windows`` sets it outright.
+    epochs: int | None = Field(None, gt=0)
+    windows: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _budget(self) -> "PhaseConfig":
+        if self.epochs is not None and self.windows is not None:
+            raise ValueError("give epochs or windows, not both")
+        return self
 
     @model_validator(mode="after")
     def _doc_len_fits(self) -> "PhaseConfig":

@@ -127,12 +127,13 @@ def make_plan(cfg: Config, teacher_config: str | None = None, student_config: st
         for ph in spec.phases:
             tokens = ph.steps * t.batch_size * ph.window_len
             attn = lambda a: 2.0 * a.layers * a.hidden * ph.window_len  # per token, causal mean context  # noqa: E731
+            cached = 0
             if ph.cache is not None:
-                cache_tokens += tokens
+                # The cache holds the windows its pack was sized to (pipeline.resolve._budgets).
+                cached = (ph.pack.pack.max_windows or ph.steps * t.batch_size) * ph.window_len
+                cache_tokens += cached
                 key = json.dumps(ph.pack.describe(), sort_keys=True)
-                flops = tokens * (2.0 * teacher.params + attn(teacher))
-                if tokens > caches.get(key, (0, 0.0))[0]:
-                    caches[key] = (tokens, flops)
+                caches[key] = (cached, cached * (2.0 * teacher.params + attn(teacher)))
             student_flops += 3 * tokens * (2.0 * student.params + attn(student))
             mem = {}
             sp = t.sequence_parallel
@@ -146,7 +147,7 @@ def make_plan(cfg: Config, teacher_config: str | None = None, student_config: st
                                        "total_gb": total / 2**30, "fits": total <= 0.9 * gpu_bytes,
                                        "min_gpus": (math.ceil(need / sp) * sp) if need else None}
             phases.append({"student": spec.label, "phase": ph.name, "window_len": ph.window_len, "tokens": tokens,
-                           "kd": ph.cache is not None, "memory_per_gpu": mem})
+                           "cache_tokens": cached, "kd": ph.cache is not None, "memory_per_gpu": mem})
         students.append({"student": spec.label, "cache_tokens": cache_tokens,
                          "student_gpu_hours": student_flops / peak / 3600, "phases": phases})
         all_phases += phases

@@ -10,7 +10,8 @@ and the students of a config without ``students:`` (one student trained on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,38 @@ def pack_spec(cfg: Config) -> PackSpec:
     return PackSpec(data=cfg.data, pack=cfg.pack, seed=cfg.run.seed)
 
 
-def phase_pack_spec(cfg: Config, phase: PhaseConfig) -> PackSpec:
-    """A phase's windows: its window, its ``doc_len`` (else ``pack.doc_len``), its ``data``."""
-    pack = cfg.pack.model_copy(update={"window_len": phase.window_len, "doc_len": phase.doc_len or cfg.pack.doc_len})
+def phase_windows(phase: PhaseConfig, batch_size: int) -> int:
+    """The windows a phase consumes: ``windows``, else steps x batch_size / ``epochs``."""
+    if phase.windows is not None:
+        return phase.windows
+    return math.ceil(phase.steps * batch_size / (phase.epochs or 1))
+
+
+def _unbudgeted(cfg: Config, phase: PhaseConfig) -> PackSpec:
+    pack = cfg.pack.model_copy(update={"window_len": phase.window_len, "doc_len": phase.doc_len or cfg.pack.doc_len,
+                                       "max_windows": None})
     return PackSpec(data=phase.data or cfg.data, pack=pack, seed=cfg.run.seed)
+
+
+def _budgets(cfg: Config) -> dict[str, int]:
+    """Per distinct phase pack, the most windows any phase reading it consumes: phases that
+    differ only in steps share one pack and one cache, sized to the longest."""
+    out: dict[str, int] = {}
+    for v in cfg.students or [None]:
+        phases = v.phases if v is not None else cfg.train.phases
+        batch = (v.batch_size if v is not None and v.batch_size else None) or cfg.train.batch_size
+        for ph in phases:
+            key = _unbudgeted(cfg, ph).fingerprint()
+            out[key] = max(out.get(key, 0), phase_windows(ph, batch))
+    return out
+
+
+def phase_pack_spec(cfg: Config, phase: PhaseConfig) -> PackSpec:
+    """A phase's windows: its window, its ``doc_len`` (else ``pack.doc_len``), its ``data``,
+    and no more of them than the phases reading this pack consume (``_budgets``)."""
+    spec = _unbudgeted(cfg, phase)
+    budget = _budgets(cfg).get(spec.fingerprint())
+    return replace(spec, pack=spec.pack.model_copy(update={"max_windows": budget}))
 
 
 def cache_spec(cfg: Config, pack: PackSpec) -> CacheSpec:
@@ -99,6 +128,9 @@ def _train_spec(cfg: Config, variant: StudentVariant | None, seed: int, parent: 
     label = f"{variant.name}-s{seed}" if variant is not None else (cfg.student.name or "student")
     raw["student"]["name"] = None
     identity = {k: raw[k] for k in ("data", "pack", "teacher", "cache", "student", "train")}
+    # The windows its phases read, which other students' steps may enlarge (a shared pack).
+    identity["phase_windows"] = [phase_pack_spec(cfg, ph).pack.max_windows
+                                 for ph in (variant.phases if variant is not None else cfg.train.phases)]
     resolved = Config.model_validate(raw)  # the variant's sections, validated (cross-field checks too)
     where = f"students.{variant.name}.phases" if variant is not None else "train.phases"
     return TrainSpec(

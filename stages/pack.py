@@ -203,6 +203,8 @@ def write_windows(spec: PackSpec, out: Path, progress: Progress) -> PackStats:
         stats.windows += 1
         if len(rows) == per_group:
             flush()
+        if stats.windows == spec.pack.max_windows:  # the budget: read no more of the corpus
+            break
     flush()
     if writer is not None:
         writer.close()
@@ -232,4 +234,7 @@ def run_pack(spec: PackSpec, out: Path, verbose: bool = True) -> Path:
         }, indent=2))
     if verbose:
         print(stats.summary())
+        if spec.pack.max_windows and stats.windows < spec.pack.max_windows:
+            print(f"pack: the corpus gave {stats.windows} windows, fewer than the {spec.pack.max_windows} its phases "
+                  "consume: they are read more than once")
     return out
