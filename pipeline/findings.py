@@ -44,9 +44,11 @@ def distance_edges(short: int, longest_doc: int, max_len: int) -> list[int]:
 
 
 def by_distance(rows: list[dict[str, float]], edges: list[int], metric: str) -> list[float]:
+    """Mean of ``metric`` per bucket [edges[i], edges[i+1]) (the last one closed)."""
     out = []
-    for lo, hi in zip(edges, edges[1:] + [math.inf]):
-        xs = [r[metric] for r in rows if lo <= r["distance"] < hi]
+    for i, (lo, hi) in enumerate(zip(edges, edges[1:])):
+        last = i == len(edges) - 2
+        xs = [r[metric] for r in rows if lo <= r["distance"] < hi or (last and r["distance"] == hi)]
         out.append(float(np.mean(xs)) if xs else float("nan"))
     return out
 

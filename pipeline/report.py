@@ -59,7 +59,7 @@ def _findings(cfg: Config, students: list[TrainSpec], results: dict[str, dict]) 
         return ["eval.json has no per-probe scores (written by an older version); re-run `posdistill eval CONFIG`."]
     max_len = max(cfg.eval.lengths)
     edges = distance_edges(short, longest_doc, max_len)
-    names = [f"{lo}–{hi - 1}" for lo, hi in zip(edges, edges[1:])] + [f"≥ {edges[-1]}"]
+    names = [f"{lo}–{hi - 1}" for lo, hi in zip(edges[:-2], edges[1:-1])] + [f"{edges[-2]}–{edges[-1]}"]
     lines = [f"Scored by **needle distance** (tokens from the fact to the end of the context): a claim about long "
              f"context holds only at distances no training window showed — at least {long_from} tokens (the "
              f"short pretraining window is {short}, the longest training document {longest_doc}). Intervals: "
@@ -68,23 +68,20 @@ def _findings(cfg: Config, students: list[TrainSpec], results: dict[str, dict]) 
              "**not reproduced** = it excludes zero the other way, otherwise **inconclusive**.", ""]
     comps = []
     for task in tasks:
-        lines += [f"**{task}**: exact match by distance (mean over a variant's students; probes per bucket vary)", "",
-                  "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         rows_of = {s.label: probe_rows(results[s.label], task) for s in students if s.label in results}
-        table = [("teacher", [probe_rows(results["teacher"], task)] if "teacher" in results else [])]
-        table += [(s.variant, []) for s in base + ext]
-        seen: dict[str, list] = {}
-        for name, rows in table:
-            seen.setdefault(name, rows)
+        per_variant: dict[str, list] = {"teacher": [probe_rows(results["teacher"], task)] if "teacher" in results else []}
         for s in base + ext:
+            per_variant.setdefault(s.variant, [])
             if s.label in rows_of:
-                seen[s.variant].append(rows_of[s.label])
-        for name, per_student in seen.items():
-            if not per_student:
-                continue
-            cells = np.nanmean([by_distance(r, edges, "exact") for r in per_student], axis=0)
-            lines.append(f"| {name} ({len(per_student)}) | " + " | ".join(_fmt(float(c), 2) for c in cells) + " |")
-        lines.append("")
+                per_variant[s.variant].append(rows_of[s.label])
+        for metric, what in (("exact", "exact match"), ("token_acc", f"token accuracy (chance {1 / len(cfg.data.synthetic.alphabet) if task == 'needle' else 0.1:.3f})")):
+            lines += [f"**{task}**: {what} by distance (mean over a variant's students)", "",
+                      "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+            for name, per_student in per_variant.items():
+                if per_student:
+                    cells = np.mean([by_distance(r, edges, metric) for r in per_student], axis=0)
+                    lines.append(f"| {name} ({len(per_student)}) | " + " | ".join(_fmt(float(c), 2) for c in cells) + " |")
+            lines.append("")
         checks = [
             ("KD extension vs. the short-pretrained base (KD, θ raised − base)", "kd_raised", "base"),
             ("KD vs. CE on the same windows (both θ raised)", "kd_raised", "ce_raised"),

@@ -56,7 +56,7 @@ def test_run_end_to_end_and_rerun_reuses(tmp_path):
         assert f"| {name} |" in report or f"![{name}]" in report, name
     for task in ("needle", "passkey"):  # each comparison is scored on both retrieval tasks, two metrics
         assert report.count(f"| {task} | ") == 6, task
-        assert f"**{task}**: exact match by distance" in report
+        assert f"**{task}**: exact match by distance" in report and f"**{task}**: token accuracy" in report
     assert "Holm" in report and "not tested" in report
     summary = json.loads((tmp_path / "run" / "run.json").read_text())
     assert len(summary["computed"]["train"]) == 5 and len(summary["computed"]["cache"]) == 1
