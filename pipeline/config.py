@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -710,6 +711,21 @@ def parse_config(raw: Any, source: str = "<config>") -> Config:
         raise UserError(f"{source}: invalid config ({problems.count(chr(10)) + 1} problems)\n{problems}") from None
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string, which strict types then refuse; read
+    every number as YAML 1.2 and JSON do."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|^[-+]?(?:[0-9][0-9_]*)\.[0-9_]*$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_config(path: str | Path) -> Config:
     """Load from a YAML file, or from an environment variable as ``env:NAME`` (how submitted
     Ray jobs receive their config without shipping files outside the project)."""
@@ -718,7 +734,7 @@ def load_config(path: str | Path) -> Config:
         if name not in os.environ:
             raise UserError(f"config: environment variable {name} is not set")
         try:
-            raw = yaml.safe_load(os.environ[name])
+            raw = load_yaml(os.environ[name])
         except yaml.YAMLError as err:
             raise UserError(f"{path}: not valid YAML: {err}") from None
         return parse_config(raw, str(path))
@@ -726,7 +742,7 @@ def load_config(path: str | Path) -> Config:
     if not p.is_file():
         raise UserError(f"config file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = load_yaml(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise UserError(f"{p}: not valid YAML: {err}") from None
     return parse_config(raw, str(p))

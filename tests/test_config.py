@@ -69,3 +69,20 @@ def test_cli_show_and_exit_codes(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert "pack.window_len" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads `3e-4` as a string; strict types would then refuse what users write."""
+    from pipeline.config import load_config
+
+    p = tmp_path / "c.yaml"
+    p.write_text("train: {lr: 3e-4, eps: 1e-8}\n")
+    t = load_config(p).train
+    assert t.lr == 3e-4 and t.eps == 1e-8
+    p.write_text("train: {lr: '3e-4'}\n")  # quoted: a string, refused
+    import pytest
+
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="train.lr"):
+        load_config(p)
