@@ -248,7 +248,7 @@ def build_graph(cfg: Config, address: str | None = None, workers: int | None = N
 
         node = Node("train", f"train {spec.label}", locate=lambda d=run_dir: d, identity=spec.identity,
                     compute=compute, deps=deps, students={spec.variant, spec.label},
-                    check=lambda spec=spec: check_train(spec.train, workers or spec.train.workers or default_workers()))
+                    check=lambda spec=spec: check_train(spec, workers or spec.train.workers or default_workers()))
         trained[spec.label] = node
         nodes.append(node)
     graph = Graph(cfg, lay, nodes, students)

@@ -70,6 +70,11 @@ def _unbudgeted(cfg: Config, phase: PhaseConfig) -> PackSpec:
     return PackSpec(data=phase.data or cfg.data, pack=pack, seed=cfg.run.seed)
 
 
+def _budget_key(spec: PackSpec) -> str:
+    """Which phases share a pack, from the config alone (no data file is read or hashed)."""
+    return fingerprint(spec.describe())
+
+
 def _budgets(cfg: Config) -> dict[str, int]:
     """Per distinct phase pack, the most windows any phase reading it consumes: phases that
     differ only in steps share one pack and one cache, sized to the longest."""
@@ -78,7 +83,7 @@ def _budgets(cfg: Config) -> dict[str, int]:
         phases = v.phases if v is not None else cfg.train.phases
         batch = (v.batch_size if v is not None and v.batch_size else None) or cfg.train.batch_size
         for ph in phases:
-            key = _unbudgeted(cfg, ph).fingerprint()
+            key = _budget_key(_unbudgeted(cfg, ph))
             out[key] = max(out.get(key, 0), phase_windows(ph, batch))
     return out
 
@@ -87,7 +92,7 @@ def phase_pack_spec(cfg: Config, phase: PhaseConfig) -> PackSpec:
     """A phase's windows: its window, its ``doc_len`` (else ``pack.doc_len``), its ``data``,
     and no more of them than the phases reading this pack consume (``_budgets``)."""
     spec = _unbudgeted(cfg, phase)
-    budget = _budgets(cfg).get(spec.fingerprint())
+    budget = _budgets(cfg).get(_budget_key(spec))
     return replace(spec, pack=spec.pack.model_copy(update={"max_windows": budget}))
 
 

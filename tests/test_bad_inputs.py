@@ -209,6 +209,9 @@ CASES: list[Case] = [
                   teacher=_damaged_weights(lambda b: b[:8] + b"{not json" + b[17:])),
     _teacher_case("teacher-not-safetensors", ["teacher.model", "model.safetensors", "not a safetensors"],
                   teacher=_damaged_weights(lambda b: b"\xff" * 16)),
+    _teacher_case("kd-cache-too-small-for-ranks", ["phases[0]", "cache.windows_per_row_group"], command="train",
+                  student={"config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4}},
+                  train={"workers": 2, "batch_size": 2, "phases": [{"window_len": 128, "steps": 1}]}),
     _teacher_case("k-above-vocab", ["cache.k", "vocabulary"], cache={"k": 100000}),
     # --- caches
     Case("verify-not-a-dir", lambda r: ["cache", "verify", str(r / "nothing")], ["nothing"]),

@@ -161,7 +161,7 @@ def test_cache_and_ray_train_jobs(head, tmp_path):
         "data": {"synthetic": {"num_docs": 80}},
         "pack": {"window_len": 128, "doc_len": [16, 64]},
         "teacher": {"model": str(teacher)},
-        "cache": {"k": 4, "windows_per_shard": 8},
+        "cache": {"k": 4, "windows_per_shard": 8, "windows_per_row_group": 2},
         "student": {"config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}},
         "train": {"launcher": "ray", "workers": 2, "deepspeed": {"zero_stage": 2}, "batch_size": 2,
                   "save_every": 100, "phases": [{"window_len": 128, "steps": 2}]},

@@ -180,14 +180,14 @@ def test_cli_pack_bad_input_exit_code(tmp_path):
 def test_periodic_source_and_phase_doc_len(tmp_path):
     # A short pretraining phase of one window-long periodic document per window.
     cfg = _cfg(tmp_path, data={"source": "synthetic"},
-               train={"phases": [{"window_len": 64, "steps": 1, "doc_len": [64, 64],
+               train={"phases": [{"window_len": 64, "steps": 1, "doc_len": [64, 64], "windows": 100,
                                   "data": {"source": "periodic", "periodic": {"num_docs": 40, "period": [3, 9],
                                                                               "alphabet_size": 16}}}]})
     spec = pack_spec_of(cfg, 0)
-    assert spec.pack.doc_len == (64, 64) and spec.pack.window_len == 64
+    assert spec.pack.doc_len == (64, 64) and spec.pack.window_len == 64 and spec.pack.max_windows == 100
     rows = list(PackedWindows(build_pack(cfg, 0)).rows())
     bos = build_byte_tokenizer().bos_token_id
-    assert len(rows) == 40
+    assert len(rows) == 40  # the corpus is smaller than the budget: all of it
     for r in rows:
         ids = list(r["input_ids"])
         assert list(r["doc_starts"]) == [0] and ids[0] == bos

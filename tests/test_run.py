@@ -29,7 +29,7 @@ def _config(tmp_path):
         "data": {"synthetic": {"num_docs": 120}},
         "pack": {"window_len": 256, "doc_len": [16, 64]},
         "teacher": {"model": str(teacher), "chunk_len": 128},
-        "cache": {"k": 4, "windows_per_shard": 8},
+        "cache": {"k": 4, "windows_per_shard": 8, "windows_per_row_group": 1},
         "student": {"config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}},
         "train": {"batch_size": 2, "micro_batch": 1, "workers": 2, "save_every": 100, "warmup_steps": 0},
         "students": [

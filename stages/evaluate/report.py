@@ -44,7 +44,7 @@ def save_heatmap(result: dict[str, Any], path: Path) -> None:
     for ax, task in zip(axes[0], tasks):
         g = result["tasks"][task]
         data = np.asarray(g["exact"], dtype=float)  # [D, L]
-        im = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+        im = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(g["lengths"])), [str(L) for L in g["lengths"]])
         ax.set_yticks(range(len(g["depths"])), [f"{d:g}" for d in g["depths"]])
         ax.set_xlabel("context length (tokens)")
@@ -53,12 +53,17 @@ def save_heatmap(result: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{task}: exact match (eff. length {eff if eff is not None else '-'})", fontsize=9)
         for i in range(data.shape[0]):
             for j in range(data.shape[1]):
-                ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=7)
+                ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if data[i, j] < 0.5 else "black")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(result["name"], fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# Okabe & Ito's colour-blind-safe palette; line styles tell apart more curves than colours.
+OKABE_ITO = ["#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7"]
 
 
 def save_loss_plot(results: list[dict[str, Any]], path: Path) -> bool:
@@ -71,7 +76,8 @@ def save_loss_plot(results: list[dict[str, Any]], path: Path) -> bool:
     for name, lb in curves:
         edges = np.asarray(lb["bucket_edges"], dtype=float)
         centers = (edges[:-1] + edges[1:]) / 2
-        ax.plot(centers, lb["loss"], marker="o", markersize=3, label=name)
+        ax.plot(centers, lb["loss"], marker="o", markersize=3, label=name,
+                color=OKABE_ITO[len(ax.lines) % len(OKABE_ITO)], linestyle=("-", "--", ":")[len(ax.lines) // 8 % 3])
     ax.set_xlabel("target position in the window")
     ax.set_ylabel("next-token loss (nats)")
     ax.set_title(f"loss by position, held-out packed windows ({curves[0][1]['windows']} x "

@@ -125,14 +125,26 @@ def check_inputs(phase: PhaseSpec, path: Path) -> Path:
 # ----------------------------------------------------------------------------- preflight
 
 
-def check_train(t: TrainConfig, workers: int) -> None:
-    """Batch geometry, precision and the DeepSpeed config are whole before anything computes
-    (the graph's check of a train node)."""
+def check_train(spec: TrainSpec, workers: int) -> None:
+    """Batch geometry, precision, the DeepSpeed config and whether each KD phase's cache can
+    be shared by the ranks, before anything computes (the graph's check of a train node)."""
+    import math
+
     import torch
 
     from stages.train.ds_config import deepspeed_config
 
-    deepspeed_config(t, geometry(t, workers), gpu=torch.cuda.is_available())
+    geo = geometry(spec.train, workers)
+    deepspeed_config(spec.train, geo, gpu=torch.cuda.is_available())
+    for ph in spec.phases:
+        if ph.cache is None or not ph.pack.pack.max_windows:
+            continue
+        groups = math.ceil(ph.pack.pack.max_windows / ph.cache.cache.windows_per_row_group)
+        if groups < geo.dp:
+            raise UserError(f"phases[{ph.index}] ({ph.name}): its cache would hold {ph.pack.pack.max_windows} windows "
+                            f"in {groups} row group(s) of cache.windows_per_row_group="
+                            f"{ph.cache.cache.windows_per_row_group}, fewer than the {geo.dp} data-parallel ranks "
+                            "that share them: lower cache.windows_per_row_group, or give the phase more windows")
 
 
 def preflight(spec: TrainSpec, inputs: dict[int, Path], world: int) -> None:
@@ -141,7 +153,7 @@ def preflight(spec: TrainSpec, inputs: dict[int, Path], world: int) -> None:
     from stages.student import student_config
 
     geo = geometry(spec.train, world)
-    check_train(spec.train, world)  # precision, DeepSpeed JSON conflicts
+    check_train(spec, world)  # precision, DeepSpeed JSON conflicts, cache row groups
     mcfg, fresh = student_config(spec)  # includes the vocabulary check
     plan_phases(list(spec.phases), mcfg, fresh)  # validates every phase's rope_parameters
     text = mcfg.get_text_config() if hasattr(mcfg, "get_text_config") else mcfg
