@@ -77,6 +77,3 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"{cache_dir}: not a complete teacher cache: no {MANIFEST_FILE}{hint}")
     return _validate(path, _read(path), _MANIFEST_KEYS, {**_SHARD_KEYS, "file": str})
 
-
-def is_complete(cache_dir: Path) -> bool:
-    return (Path(cache_dir) / MANIFEST_FILE).is_file()
