@@ -1,25 +1,25 @@
-"""Tokenizers: a built-in byte-level one and any local Hugging Face tokenizer directory.
+"""Tokenizers: a built-in byte-level one and any Hugging Face tokenizer (a local directory, or
+a Hub id ``org/name[@revision]`` fetched through ``pipeline.locate``).
 
 The byte tokenizer is a real ``PreTrainedTokenizerFast`` (ids 0..255 are the raw bytes,
 specials follow), so an exported student loads with ``AutoTokenizer.from_pretrained``
-like any other model and nothing is ever fetched from a hub.
+like any other model, and using it fetches nothing.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
 from pipeline.fingerprint import dir_identity
+from pipeline.locate import TOKENIZER_FILES, hub_ref, local_path, ref_identity
 
 BYTE_SPECIALS = ["<pad>", "<s>", "</s>", "<sep>"]  # ids 256, 257, 258, 259
 BYTE_VOCAB_SIZE = 256 + len(BYTE_SPECIALS)
 
 
-# The files that make a tokenizer (what its identity hashes; what makes a directory one).
-TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                             "merges.txt", "tokenizer.model", "vocab.txt", "added_tokens.json", "chat_template.jinja"})
+__all__ = ["BYTE_SPECIALS", "BYTE_VOCAB_SIZE", "TOKENIZER_FILES", "build_byte_tokenizer", "load_tokenizer",
+           "tokenizer_identity"]
 
 
 def build_byte_tokenizer() -> Any:
@@ -46,7 +46,7 @@ def build_byte_tokenizer() -> Any:
 def load_tokenizer(spec: str, field: str = "data.tokenizer") -> Any:
     if spec == "byte":
         return build_byte_tokenizer()
-    path = Path(spec)
+    path = local_path(spec, field, "tokenizer")
     if not path.is_dir():
         raise UserError(f"{field}: '{spec}' is neither 'byte' nor a tokenizer directory")
     from transformers import AutoTokenizer
@@ -58,10 +58,14 @@ def load_tokenizer(spec: str, field: str = "data.tokenizer") -> Any:
                         f"{str(err).splitlines()[0][:200]})") from None
 
 
-def tokenizer_identity(spec: str) -> Any:
+def tokenizer_identity(spec: str, field: str = "data.tokenizer") -> Any:
+    """The tokenizer files' contents; for a Hub id also its repository and resolved commit."""
     if spec == "byte":
         return {"kind": "byte", "vocab": BYTE_VOCAB_SIZE, "version": 1}
-    path = Path(spec)
+    path = local_path(spec, field, "tokenizer")
     if not path.is_dir():
-        raise UserError(f"data.tokenizer: '{spec}' is neither 'byte' nor a tokenizer directory")
-    return [f for f in dir_identity(path) if f["name"] in TOKENIZER_FILES]
+        raise UserError(f"{field}: '{spec}' is neither 'byte' nor a tokenizer directory")
+    files = [f for f in dir_identity(path) if f["name"] in TOKENIZER_FILES]
+    if hub_ref(spec, "tokenizer") is None:
+        return files  # a local directory's identity is what it always was
+    return {"files": files, **ref_identity(spec, field, "tokenizer")}
