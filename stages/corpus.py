@@ -16,6 +16,7 @@ from typing import Iterator
 from pipeline.config import DataConfig, PeriodicConfig, SyntheticConfig
 from pipeline.errors import UserError
 from pipeline.fingerprint import dir_identity, file_identity
+from pipeline.locate import OBJECT_STORE_SCHEMES, hub_ref, hub_wanted, local_path, ref_identity
 
 SUFFIXES = (".jsonl", ".parquet", ".txt")
 
@@ -70,8 +71,11 @@ def synthetic_documents(cfg: SyntheticConfig, doc_len: tuple[int, int], seed: in
 
 
 def resolve_files(source: str) -> list[Path]:
-    """Expand a path, directory of files, or glob into a sorted list of data files."""
-    p = Path(source)
+    """Expand a path, directory of files, glob, or Hugging Face dataset id (``org/name[@revision]``:
+    its .jsonl/.parquet/.txt files, like a local directory of them) into a sorted list of data files."""
+    if hub_ref(source, "dataset") is not None:
+        return _hub_files(source)
+    p = local_path(source, "data.source", "dataset") if source.startswith(OBJECT_STORE_SCHEMES) else Path(source)
     if p.is_dir():
         if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
             return [p]
@@ -88,6 +92,20 @@ def resolve_files(source: str) -> list[Path]:
         try:
             if f.is_file():
                 open(f, "rb").close()
+        except OSError as err:
+            raise UserError(f"data.source: cannot read {f}: {err.strerror}") from None
+    return files
+
+
+def _hub_files(source: str) -> list[Path]:
+    root = local_path(source, "data.source", "dataset")
+    files = sorted(f for f in root.rglob("*") if f.is_file() and hub_wanted(f.relative_to(root).as_posix(), "dataset"))
+    if not files:
+        raise UserError(f"data.source: the Hugging Face dataset '{source}' (commit {root.name[:12]}) has no "
+                        ".jsonl/.parquet/.txt files")
+    for f in files:
+        try:
+            open(f, "rb").close()
         except OSError as err:
             raise UserError(f"data.source: cannot read {f}: {err.strerror}") from None
     return files
@@ -194,4 +212,5 @@ def source_identity(data: DataConfig) -> object:
     idents = []
     for path in resolve_files(data.source):
         idents.append({"dataset": dir_identity(path)} if path.is_dir() else file_identity(path))
-    return {"files": idents, "text_field": data.text_field}
+    # A Hub dataset adds its repository and resolved commit; a local source's identity is unchanged.
+    return {"files": idents, "text_field": data.text_field, **ref_identity(data.source, "data.source", "dataset")}

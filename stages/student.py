@@ -1,4 +1,5 @@
-"""The student: a Llama-family model built from ``student.config`` or loaded from ``student.init``.
+"""The student: a Llama-family model built from ``student.config`` or loaded from ``student.init``
+(a local directory or a Hub id, ``pipeline.locate``).
 
 Its vocabulary must be the teacher's: the cached targets are teacher token ids, and a
 student with another vocabulary would silently learn a permutation of the wrong tokens.
@@ -10,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.locate import is_remote, local_path
 from stages.specs import TrainSpec
 
 
 def teacher_vocab_size(spec: TrainSpec) -> tuple[int, str]:
     """The teacher's output vocabulary and where it came from (for error messages)."""
-    if spec.teacher_model and (Path(spec.teacher_model) / "config.json").is_file():
+    if spec.teacher_model and (is_remote(spec.teacher_model) or (Path(spec.teacher_model) / "config.json").is_file()):
         from stages.teacher import teacher_vocab
 
         return teacher_vocab(spec.teacher_model), f"teacher.model {spec.teacher_model}"
@@ -42,7 +44,7 @@ def student_config(spec: TrainSpec) -> tuple[Any, bool]:
     if scfg is None:
         raise UserError("student: missing section (give student.init or student.config)")
     if scfg.init is not None:
-        path = Path(scfg.init)
+        path = local_path(scfg.init, "student.init", "model", remote_code=scfg.trust_remote_code)
         if not (path / "config.json").is_file():
             raise UserError(f"student.init: '{scfg.init}' is not a Hugging Face model directory (no config.json)")
         from transformers import AutoConfig
@@ -92,8 +94,9 @@ def build_student(spec: TrainSpec, model_config: Any | None = None) -> tuple[Any
         model = AutoModelForCausalLM.from_config(mcfg, dtype=torch.float32, attn_implementation=attn)
     else:
         try:
+            path = local_path(scfg.init, "student.init", "model", remote_code=scfg.trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(
-                scfg.init, dtype=torch.float32, local_files_only=True, attn_implementation=attn,
+                str(path), dtype=torch.float32, local_files_only=True, attn_implementation=attn,
                 trust_remote_code=scfg.trust_remote_code)
         except (OSError, ValueError) as err:
             raise UserError(f"student.init: cannot load '{scfg.init}': "

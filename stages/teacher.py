@@ -1,4 +1,6 @@
-"""The teacher: load a local Hugging Face causal LM and turn windows into sparse targets.
+"""The teacher: load a Hugging Face causal LM and turn windows into sparse targets.
+
+``teacher.model`` is a local directory or a Hub id ``org/name[@revision]`` (``pipeline.locate``).
 
 Two things here are shared with the student trainer and must stay the single source of
 truth: ``model_inputs`` (what position ids and attention a packed window gets) and the
@@ -18,6 +20,7 @@ import torch
 from pipeline.config import TeacherConfig
 from pipeline.errors import UserError
 from pipeline.fingerprint import dir_identity
+from pipeline.locate import hub_ref, hub_wanted, local_path, ref_identity
 from stages.tokenizer import TOKENIZER_FILES
 from stages.windows import position_ids
 
@@ -61,7 +64,7 @@ def teacher_vocab(model: str) -> int:
     """The teacher's output vocabulary, from its config.json (no weights loaded)."""
     import json
 
-    path = Path(model) / "config.json"
+    path = local_path(model, "teacher.model", "config") / "config.json"
     if not path.is_file():
         raise UserError(f"teacher.model: '{model}' is not a Hugging Face model directory (no config.json)")
     conf = json.loads(path.read_text())
@@ -82,7 +85,7 @@ def check_weight_files(model: str) -> None:
     import json
     import struct
 
-    root = Path(model)
+    root = local_path(model, "teacher.model", "model")
     files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
     index = root / "model.safetensors.index.json"
     if index.is_file():
@@ -131,18 +134,27 @@ def check_finite_weights(model: torch.nn.Module, where: str) -> None:
 def teacher_identity(tcfg: TeacherConfig) -> dict[str, Any]:
     """What of the teacher changes cached numbers: its weights and config files, and dtype."""
     if not tcfg.model:
-        raise UserError("teacher.model: no teacher given (a local Hugging Face model directory)")
-    path = Path(tcfg.model)
+        raise UserError("teacher.model: no teacher given (a Hugging Face model directory or Hub id)")
+    path = teacher_dir(tcfg)
     if not path.is_dir() or not (path / "config.json").is_file():
         raise UserError(f"teacher.model: '{tcfg.model}' is not a Hugging Face model directory "
                         f"(no config.json)")
+    hub = hub_ref(tcfg.model)
     files = [f for f in dir_identity(path)
-             if f["name"].endswith(_IDENTITY_SUFFIXES) and Path(f["name"]).name not in TOKENIZER_FILES]
-    return {"files": files, "dtype": tcfg.dtype, "trust_remote_code": tcfg.trust_remote_code}
+             if f["name"].endswith(_IDENTITY_SUFFIXES) and Path(f["name"]).name not in TOKENIZER_FILES
+             and (hub is None or hub_wanted(f["name"], "model", tcfg.trust_remote_code))]
+    ident = {"files": files, "dtype": tcfg.dtype, "trust_remote_code": tcfg.trust_remote_code}
+    return ident if hub is None else {**ident, **ref_identity(tcfg.model, "teacher.model", "model")}
+
+
+def teacher_dir(tcfg: TeacherConfig) -> Path:
+    """The local directory of ``teacher.model`` (a Hub id is fetched into the Hub cache)."""
+    return local_path(tcfg.model, "teacher.model", "model", remote_code=bool(tcfg.trust_remote_code))
 
 
 def load_teacher(tcfg: TeacherConfig, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """AutoModelForCausalLM from a local directory, in ``teacher.dtype``, in eval mode."""
+    """AutoModelForCausalLM from ``teacher.model`` (a local directory, or a Hub id fetched into
+    the Hub cache first), in ``teacher.dtype``, in eval mode."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -154,7 +166,7 @@ def load_teacher(tcfg: TeacherConfig, device: str | torch.device = "cpu") -> tor
         kwargs["attn_implementation"] = tcfg.attn_implementation
     check_weight_files(tcfg.model)
     try:
-        model = AutoModelForCausalLM.from_pretrained(tcfg.model, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(teacher_dir(tcfg)), **kwargs)
     except Exception as err:  # OSError, ValueError, safetensors' SafetensorError, torch's unpickling errors
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise UserError(f"teacher.model: cannot load '{tcfg.model}': {first}") from None

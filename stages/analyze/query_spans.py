@@ -28,6 +28,7 @@ import torch
 
 from pipeline.atomic import atomic_dir
 from pipeline.errors import UserError
+from pipeline.locate import local_path
 from stages.analyze.rope import head_dim_of, inv_freq_of, wavelengths
 from stages.evaluate.report import pyplot
 
@@ -47,10 +48,13 @@ def parse_windows(text: str | None) -> list[int] | None:
     return out
 
 
+_FIELD = "analyze query-spans"  # how errors name a model given as a Hub id that cannot be fetched
+
+
 def load_config_of(path: str | Path) -> Any:
     from transformers import AutoConfig
 
-    p = Path(path)
+    p = local_path(path, _FIELD, "config")
     if not (p / "config.json").is_file():
         raise UserError(f"'{path}' is not a Hugging Face model directory (no config.json)")
     return AutoConfig.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
@@ -58,7 +62,7 @@ def load_config_of(path: str | Path) -> Any:
 
 def load_qk(path: str | Path) -> dict[tuple[int, str], torch.Tensor]:
     """``{(layer, 'q'|'k'): weight [out, in] float32}`` read without loading the rest."""
-    p = Path(path)
+    p = local_path(path, _FIELD, "model")
     out: dict[tuple[int, str], torch.Tensor] = {}
     st = sorted(p.glob("*.safetensors"))
     if st:

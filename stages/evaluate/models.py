@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import UserError
+from pipeline.locate import hub_ref, local_path
 from stages.teacher import DTYPES
 from stages.tokenizer import TOKENIZER_FILES
 
@@ -43,7 +44,8 @@ def has_tokenizer(path: str | Path) -> bool:
 
 def load_model(path: str | Path, dtype: str = "float32", device: str = "auto",
                tokenizer: str = "byte", name: str | None = None) -> LoadedModel:
-    """A local Hugging Face directory (never a hub id, never remote code) in eval mode.
+    """A Hugging Face model (a local directory, or a Hub id ``org/name[@revision]`` fetched into
+    the Hub cache; never remote code) in eval mode.
 
     The tokenizer comes from the model directory when it has one, else from ``tokenizer``
     (``data.tokenizer``), so probes are built in the token space the model was trained on.
@@ -52,9 +54,10 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "auto",
 
     from stages.tokenizer import load_tokenizer
 
-    p = Path(path)
+    p = local_path(path, "--model", "model")
     if not (p / "config.json").is_file():
         raise UserError(f"--model: '{path}' is not a Hugging Face model directory (no config.json)")
+    hub = hub_ref(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(p), dtype=DTYPES[dtype], local_files_only=True, trust_remote_code=False)
@@ -63,7 +66,8 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "auto",
                         f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
     model.to(resolve_device(device)).eval()
     tok = load_tokenizer(str(p), field="--model") if has_tokenizer(p) else load_tokenizer(tokenizer)
-    return LoadedModel(name=name or p.name, model=model, tokenizer=tok, path=str(p))
+    return LoadedModel(name=name or (hub.repo_id.split("/")[1] if hub else p.name), model=model, tokenizer=tok,
+                       path=str(p))
 
 
 def unique_names(paths: list[str]) -> list[str]:
