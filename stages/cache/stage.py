@@ -209,11 +209,16 @@ def check_inputs(spec: CacheSpec) -> int:
 
 
 def build_job(spec: CacheSpec, pack_dir: Path, cache_dir: Path, fp: str) -> CacheJob:
+    from pipeline.locate import pinned
+
     windows = PackedWindows(pack_dir)
     vocab = check_inputs(spec)
+    # A Hub teacher goes to the workers as org/name@<commit>: every replica loads the commit
+    # this driver resolved and fingerprinted, even if the branch moves meanwhile.
+    teacher = spec.teacher.model_copy(update={"model": pinned(spec.teacher.model, "teacher.model", "model")})
     return CacheJob(
         cache_dir=str(cache_dir), pack_dir=str(pack_dir), pack_files=windows.index, fingerprint=fp,
-        teacher=spec.teacher.model_dump(mode="json"), cache=spec.cache.model_dump(mode="json"),
+        teacher=teacher.model_dump(mode="json"), cache=spec.cache.model_dump(mode="json"),
         mode=spec.pack.pack.mode, window_len=spec.pack.pack.window_len, seed=spec.seed, vocab=vocab,
         shards=shard_plan(windows.num_windows, spec.cache.windows_per_shard),
     )

@@ -42,9 +42,23 @@ def write_job(spec: TrainSpec, inputs: dict[int, Path], run_dir: Path) -> Path:
     from pipeline.atomic import atomic_write_json
 
     path = run_dir / JOB_FILE
-    atomic_write_json(path, {"spec": spec_to_dict(spec), "inputs": {str(i): str(p) for i, p in inputs.items()},
-                             "run_dir": str(run_dir)})
+    atomic_write_json(path, {"spec": spec_to_dict(pinned_spec(spec)),
+                             "inputs": {str(i): str(p) for i, p in inputs.items()}, "run_dir": str(run_dir)})
     return path
+
+
+def pinned_spec(spec: TrainSpec) -> TrainSpec:
+    """``spec`` with each Hub id (tokenizer, student.init, teacher) pinned to the commit this
+    process resolved, ``org/name@<commit>``: every rank loads exactly those files."""
+    from dataclasses import replace
+
+    from pipeline.locate import pinned
+
+    student = spec.student
+    if student.init is not None:
+        student = student.model_copy(update={"init": pinned(student.init, "student.init", "model")})
+    return replace(spec, student=student, tokenizer=pinned(spec.tokenizer, "data.tokenizer", "tokenizer"),
+                   teacher_model=pinned(spec.teacher_model, "teacher.model", "config"))
 
 
 def read_job(path: str | Path) -> tuple[TrainSpec, dict[int, Path], Path]:
