@@ -79,10 +79,12 @@ class PeriodicConfig(Strict):
 
 class DataConfig(Strict):
     # "synthetic" (text documents), "periodic" (token-id documents), a path or glob of
-    # .jsonl/.parquet/.txt files, or a datasets.save_to_disk dir.
+    # .jsonl/.parquet/.txt files, a datasets.save_to_disk dir, or a Hugging Face dataset id
+    # "org/name[@revision]" (its .jsonl/.parquet/.txt files; pipeline/locate.py).
     source: str = "synthetic"
     text_field: str = "text"
-    # "byte" (built in, no downloads) or a local Hugging Face tokenizer directory.
+    # "byte" (built in, no downloads), a local Hugging Face tokenizer directory or a Hub id
+    # "org/name[@revision]".
     tokenizer: str = "byte"
     synthetic: SyntheticConfig = SyntheticConfig()
     periodic: PeriodicConfig = PeriodicConfig()
@@ -240,7 +242,7 @@ class BootstrapConfig(Strict):
 
 
 class TeacherConfig(Strict):
-    model: str | None = None  # local Hugging Face directory
+    model: str | None = None  # a Hugging Face model directory, or a Hub id "org/name[@revision]"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gpus_per_actor: float = Field(1.0, ge=0)  # used only when the cluster has GPUs
     num_actors: int | None = Field(None, gt=0)  # default: as many as the cluster fits
@@ -292,7 +294,7 @@ class StudentArch(Strict):
 
 
 class StudentConfig(Strict):
-    init: str | None = None  # local Hugging Face directory
+    init: str | None = None  # a Hugging Face model directory, or a Hub id "org/name[@revision]"
     config: StudentArch | None = None
     name: str | None = None  # run directory <run.out_dir>/train/<name>; default "student"
     attn_implementation: str = "sdpa"  # sdpa, eager, flash_attention_2, ...

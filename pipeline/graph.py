@@ -24,6 +24,7 @@ from pipeline.atomic import atomic_write_json
 from pipeline.config import Config
 from pipeline.errors import UserError, storage_error
 from pipeline.fingerprint import dir_identity, fingerprint
+from pipeline.locate import content_identity, is_remote
 from pipeline.resolve import (Layout, analyze_spec, bootstrap_dir, bootstrap_spec, cache_spec, eval_spec, layout, pack_spec, query_span_windows,
                               train_specs, with_teacher)
 from stages.specs import CacheSpec, PackSpec, TrainSpec
@@ -163,6 +164,8 @@ def _teacher_node(cfg: Config) -> tuple[Config, Node | None]:
     model = cfg.teacher.model
     if model and (Path(model) / "config.json").is_file():
         return cfg, None
+    if model and cfg.teacher.bootstrap is None and is_remote(model):
+        return cfg, None  # a Hub id (or object-store URI): fetched where it is used
     if cfg.teacher.bootstrap is None:
         if model is None:
             return cfg, None
@@ -293,7 +296,9 @@ def _add_eval_and_analyze(graph: Graph, trained: list[Node], teacher_deps: list[
             heldout = Node("pack", f"pack {hspec.fingerprint()[:8]} (held-out, window {hspec.pack.window_len})",
                            locate=lambda: hpath, identity=hspec.identity, compute=lambda out: run_pack(hspec, out))
             nodes.append(heldout)
-    ident = _memo(lambda: {"eval": ev.identity(), "models": {n: dir_identity(p) for n, p in models.items()}})
+    field_of = lambda n: "teacher.model" if n == "teacher" else n  # noqa: E731 - how errors name a model
+    ident = _memo(lambda: {"eval": ev.identity(),
+                           "models": {n: content_identity(p, field_of(n)) for n, p in models.items()}})
     nodes.append(Node("eval", "eval", locate=lambda: cfg.out_dir / "eval" / fingerprint(ident(), length=12),
                       identity=ident, deps=model_deps + ([heldout] if heldout else []),
                       compute=lambda out: run_eval(ev, models, out, heldout_dir=heldout.out if heldout else None,
@@ -306,7 +311,7 @@ def _add_eval_and_analyze(graph: Graph, trained: list[Node], teacher_deps: list[
     for name in ["teacher", *[s.label for s in first_seed.values()]]:
         def perturb_ident(name: str = name) -> dict[str, Any]:
             return {"analyze": cfg.analyze.model_dump(mode="json"), "pack": cfg.pack.model_dump(mode="json"),
-                    "model": dir_identity(models[name])}
+                    "model": content_identity(models[name], field_of(name))}
         pid = _memo(perturb_ident)
         nodes.append(Node("analyze", f"perturb {name}",
                           locate=lambda name=name, pid=pid: cfg.out_dir / "analyze" / f"perturb-{name}" /
@@ -320,8 +325,8 @@ def _add_eval_and_analyze(graph: Graph, trained: list[Node], teacher_deps: list[
         windows = query_span_windows(cfg, s)
 
         def span_ident(before: str = before, after: str = after, windows: list[int] = windows) -> dict[str, Any]:
-            return {"before": dir_identity(before), "after": dir_identity(after), "windows": windows,
-                    "analyze": cfg.analyze.model_dump(mode="json")}
+            return {"before": content_identity(before, "student.init"), "after": dir_identity(after),
+                    "windows": windows, "analyze": cfg.analyze.model_dump(mode="json")}
         sid = _memo(span_ident)
         nodes.append(Node("analyze", f"query spans {s.label}",
                           locate=lambda s=s, sid=sid: cfg.out_dir / "analyze" / f"query-spans-{s.label}" /

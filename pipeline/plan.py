@@ -56,7 +56,9 @@ class Arch:
 
 
 def _read_hf_config(path: str, field: str) -> dict[str, Any]:
-    p = Path(path)
+    from pipeline.locate import local_path
+
+    p = local_path(path, field, "config")  # a Hub id: its config.json alone is fetched
     p = p / "config.json" if p.is_dir() else p
     if not p.is_file():
         raise UserError(f"{field}: no config.json at '{path}'")
