@@ -30,6 +30,39 @@ def make_tiny_llama(dir: str | Path, seed: int = 0, **overrides: Any) -> Path:
     return out
 
 
+def make_hub_snapshot(cache: str | Path, repo_id: str, files: str | Path | dict[str, bytes | str], *,
+                      repo_type: str = "model", ref: str | None = "main", commit: str | None = None) -> str:
+    """Files in a huggingface_hub cache, in its standard layout (what ``snapshot_download``
+    leaves behind): ``<type>s--<org>--<name>/blobs/<sha256>``, ``snapshots/<commit>/<path>`` as
+    relative symlinks to those blobs, and ``refs/<ref>`` holding the commit (no newline).
+    ``files``: a directory to copy, or ``{path in repo: content}``. Returns the commit."""
+    import hashlib
+    import os
+
+    if not isinstance(files, dict):
+        root = Path(files)
+        files = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    contents = {k: v.encode() if isinstance(v, str) else v for k, v in files.items()}
+    if commit is None:
+        h = hashlib.sha1(repo_id.encode())
+        for name in sorted(contents):
+            h.update(name.encode() + b"\0" + hashlib.sha256(contents[name]).digest())
+        commit = h.hexdigest()
+    repo = Path(cache) / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snap = repo / "snapshots" / commit
+    for name, data in contents.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        dest = snap / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.symlink_to(os.path.relpath(blob, dest.parent))
+    if ref is not None:
+        (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return commit
+
+
 # ----------------------------------------------------------------------------- stage runners
 # Tests drive single stages with the specs the graph would give them (pipeline.resolve).
 
