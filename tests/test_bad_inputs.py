@@ -106,6 +106,7 @@ def _teacher_case(id: str, names: list[str], command: str = "cache run",
     return Case(id, build, names)
 
 
+_OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": "/nonexistent/posdistill-test-hub-cache"}
 TINY: list[Path] = []  # the module fixture's tiny teacher
 
 
@@ -197,6 +198,12 @@ CASES: list[Case] = [
     _config_case("window-cannot-fit", ["pack.window_len", "memory"], command="pack",
                  pack={"window_len": 10 ** 12, "doc_len": [16, 64]}),
     _config_case("tokenizer-missing", ["data.tokenizer"], command="pack", data={"tokenizer": "no/such/tokenizer"}),
+    # --- Hugging Face Hub ids that are neither cached nor reachable (offline: nothing is fetched)
+    Case("hub-tokenizer-missing", lambda r: ["pack", str(_cfg(r, data={"tokenizer": "org/no-such-model"}))],
+         ["data.tokenizer", "'org/no-such-model'", "HF_HUB_OFFLINE=1"], env=_OFFLINE),
+    Case("hub-teacher-missing", lambda r: ["cache", "run", str(_cfg(r, teacher={"model": "org/no-such-teacher"},
+                                                                    cache={"k": 8}))],
+         ["teacher.model", "'org/no-such-teacher'", "Hugging Face cache"], env=_OFFLINE),
     # --- the output directory
     Case("out-dir-is-a-file", lambda r: ["pack", str(_cfg(r))] if (r / "out").write_text("x") else [], ["out"]),
     # --- teacher
