@@ -17,10 +17,17 @@ from stages.specs import TrainSpec
 
 def teacher_vocab_size(spec: TrainSpec) -> tuple[int, str]:
     """The teacher's output vocabulary and where it came from (for error messages)."""
-    if spec.teacher_model and (is_remote(spec.teacher_model) or (Path(spec.teacher_model) / "config.json").is_file()):
+    model = spec.teacher_model
+    if model and ((Path(model) / "config.json").is_file() or is_remote(model)):
         from stages.teacher import teacher_vocab
 
-        return teacher_vocab(spec.teacher_model), f"teacher.model {spec.teacher_model}"
+        try:
+            return teacher_vocab(model), f"teacher.model {model}"
+        except UserError:
+            # A Hub id that cannot be fetched (or a bootstrap target not made yet): as for a missing
+            # directory the tokenizer decides; the cache stage names the teacher's problem when it needs it.
+            if not is_remote(model):
+                raise
     from stages.tokenizer import load_tokenizer
 
     return len(load_tokenizer(spec.tokenizer)), f"data.tokenizer '{spec.tokenizer}'"

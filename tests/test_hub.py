@@ -221,6 +221,23 @@ def test_student_init_and_eval_model_take_hub_ids(hub, tmp_path):
     assert (pin.student.init, pin.tokenizer, pin.teacher_model) == (at, at, at)
 
 
+def test_a_teacher_dir_not_made_yet_still_lends_the_tokenizer_vocabulary(hub, tmp_path):
+    """``teacher.model: pending/teacher`` that a bootstrap will write reads as a Hub id until it
+    exists; the student's vocabulary check falls back to the tokenizer, as for a missing directory."""
+    from pipeline.resolve import train_specs
+    from stages.student import student_config
+    from stages.train.loop import pinned_spec
+
+    raw = _config(tmp_path, source="synthetic", tokenizer="byte")
+    raw["teacher"]["model"] = "pending/teacher"
+    raw["student"] = {"config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4}}
+    raw["train"] = {"phases": [{"window_len": 128, "steps": 1}]}
+    (spec,) = train_specs(parse_config(raw))
+    mcfg, fresh = student_config(spec)
+    assert fresh and mcfg.vocab_size == 260
+    assert pinned_spec(spec).teacher_model == "pending/teacher"
+
+
 # ----------------------------------------------------------------------------- what is fetched
 
 

@@ -54,11 +54,17 @@ def pinned_spec(spec: TrainSpec) -> TrainSpec:
 
     from pipeline.locate import pinned
 
+    from pipeline.errors import UserError
+
     student = spec.student
     if student.init is not None:
         student = student.model_copy(update={"init": pinned(student.init, "student.init", "model")})
+    try:  # the teacher only lends its vocabulary here (see stages.student.teacher_vocab_size)
+        teacher = pinned(spec.teacher_model, "teacher.model", "config")
+    except UserError:
+        teacher = spec.teacher_model
     return replace(spec, student=student, tokenizer=pinned(spec.tokenizer, "data.tokenizer", "tokenizer"),
-                   teacher_model=pinned(spec.teacher_model, "teacher.model", "config"))
+                   teacher_model=teacher)
 
 
 def read_job(path: str | Path) -> tuple[TrainSpec, dict[int, Path], Path]:
