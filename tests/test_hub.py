@@ -309,6 +309,46 @@ def test_unreachable_hub_falls_back_to_the_cache_or_says_so(hub, monkeypatch):
         local_path("org/missing", "data.source", "dataset")
 
 
+def test_hf_token_is_sent_and_a_repo_the_hub_lacks_is_one_line(hub, monkeypatch):
+    """A stand-in Hub on 127.0.0.1 that knows no repository: the request carries HF_TOKEN (read
+    when the call is made), and the answer becomes one line naming the field and the id."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[tuple[str, str | None]] = []
+
+    class NoRepos(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            seen.append((self.path, self.headers.get("authorization")))
+            body = b'{"error": "Repository not found"}'
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NoRepos)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.setenv("HF_TOKEN", "hf_posdistill_test_token")
+        with pytest.raises(UserError) as err:
+            local_path("org/private-teacher", "teacher.model", "model")
+    finally:
+        server.shutdown()
+        server.server_close()
+    msg = str(err.value)
+    assert msg.startswith("teacher.model: 'org/private-teacher' is not a local path, and the Hugging Face Hub has no "
+                          "model repository 'org/private-teacher'") and "HF_TOKEN" in msg and "\n" not in msg
+    assert seen and seen[0][0].startswith("/api/models/org/private-teacher")
+    assert seen[0][1] == "Bearer hf_posdistill_test_token"
+
+
 def test_a_dataset_repo_without_data_files_is_refused(hub):
     cache, _ = hub
     make_hub_snapshot(cache, "org/empty", {"README.md": "nothing\n", "LICENSE.txt": "x\n"}, repo_type="dataset")
