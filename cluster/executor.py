@@ -18,11 +18,14 @@ from __future__ import annotations
 import collections
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.config import CacheConfig, TeacherConfig
 from pipeline.errors import UserError
+from pipeline.storage import remote_for
 from stages.cache.stage import SHARDS_IN_FLIGHT, CacheJob, CacheWorker
+from stages.cache.writer import shard_name
 
 
 class LocalExecutor:
@@ -58,13 +61,22 @@ class _CacheActor:
     """Ray actor body: one teacher replica."""
 
     def __init__(self, job: Any, device: str, threads: int | None):
+        # On a node without the driver's disk, a bucket-backed pack is pulled into this
+        # node's scratch (a no-op where it is already there).
+        if (pack := remote_for(job.pack_dir)) is not None:
+            pack.pull()
+        self.cache = remote_for(job.cache_dir)
         self.worker = CacheWorker(job, device=device, threads=threads)
 
     def ready(self) -> bool:
         return True
 
     def run_shard(self, index: int) -> dict[str, Any]:
-        return self.worker.run_shard(index)
+        result = self.worker.run_shard(index)
+        if self.cache is not None:  # published by the node that wrote it: nothing waits on the driver's disk
+            name = shard_name(index)
+            self.cache.upload_file(Path(self.worker.job.cache_dir) / name, name)
+        return result
 
 
 def placement(resources: dict[str, float], teacher: TeacherConfig, shards: int) -> tuple[int, dict[str, float], str, int | None]:
@@ -117,6 +129,7 @@ class RayExecutor:
         import ray
 
         queue = collections.deque(todo)
+        cache = remote_for(job.cache_dir)
         attempts: collections.Counter[int] = collections.Counter()
         idle = [a for _ in range(SHARDS_IN_FLIGHT) for a in range(len(actors))]  # one entry per free slot
         inflight: dict[Any, tuple[int, int]] = {}  # ref -> (actor, shard)
@@ -128,7 +141,10 @@ class RayExecutor:
             for ref in ready:
                 a, shard = inflight.pop(ref)
                 try:
-                    on_done(ray.get(ref))
+                    result = ray.get(ref)
+                    if cache is not None:  # the shard may have been written on another node
+                        cache.fetch(shard_name(shard))
+                    on_done(result)
                 except ray.exceptions.RayActorError as err:  # the process died: restart and retry
                     attempts[shard] += 1
                     if attempts[shard] > self.max_retries:

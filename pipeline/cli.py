@@ -348,9 +348,10 @@ def cache_verify(cache_dir: str, deep: bool) -> None:
     """Check every shard's footer, fingerprint, completion flag, rows and window coverage."""
     from stages.cache.verify import verify_cache
 
-    if not Path(cache_dir).is_dir():
+    local = _local_dir(cache_dir)
+    if not local.is_dir():
         raise UserError(f"{cache_dir}: no such cache directory")
-    problems = verify_cache(cache_dir, deep=deep)
+    problems = verify_cache(local, deep=deep)
     for name, reason in problems:
         click.echo(f"BAD {name}: {reason}", err=True)
     if problems:
@@ -369,7 +370,7 @@ def cache_info(cache_dir: str, as_json: bool) -> None:
 
     from stages.cache.info import cache_summary, format_summary
 
-    summary = cache_summary(cache_dir)
+    summary = cache_summary(_local_dir(cache_dir))
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
@@ -388,14 +389,17 @@ def cache_info(cache_dir: str, as_json: bool) -> None:
 def train(config: str, address: str | None, workers: int | None, resume: bool, student: str | None) -> None:
     """Train every student (or --student) phase by phase with DeepSpeed, building the packs and
     teacher caches it needs first. A run directory with a complete checkpoint continues from it."""
-    from pipeline.graph import build_graph, is_done
     from pipeline.fingerprint import fingerprint
+    from pipeline.graph import build_graph, is_done
+    from pipeline.storage import remote_for
     from stages.train.checkpoint import intact_tags
 
     graph = build_graph(load_config(config), address=address, workers=workers)
     nodes = graph.select("train", student=student)
     if resume:
         for n in nodes:
+            if (remote := remote_for(n.locate())) is not None:
+                remote.pull()
             if n.stage == "train" and not is_done(n, n.locate(), fingerprint(n.identity())) \
                     and not intact_tags(n.locate() / "checkpoints"):
                 raise UserError(f"--resume: {n.name}: no complete, intact checkpoint under "
@@ -415,9 +419,29 @@ def export(ckpt: str, out: str, dtype: str) -> None:
     Hugging Face directory."""
     from stages.train.export import export_checkpoint
 
-    if not Path(ckpt).is_dir():
+    from pipeline.storage import Remote, is_remote
+
+    local = _local_dir(ckpt)
+    if not local.is_dir():
         raise UserError(f"{ckpt}: no such checkpoint directory")
-    click.echo(f"export: wrote {export_checkpoint(ckpt, out, dtype=dtype)}")
+    if not is_remote(out):
+        click.echo(f"export: wrote {export_checkpoint(local, out, dtype=dtype)}")
+        return
+    target = Remote(out)
+    export_checkpoint(local, target.local, dtype=dtype)
+    target.push(final=True)
+    click.echo(f"export: wrote {out}")
+
+
+def _local_dir(arg: str) -> Path:
+    """A directory argument: a local path as is; an ``s3://``/``gs://`` prefix pulled into its
+    scratch mirror first (a prefix with no objects is reported as missing by the caller)."""
+    from pipeline.storage import Remote, is_remote
+
+    if not is_remote(arg):
+        return Path(arg)
+    remote = Remote(arg)
+    return remote.pull() if remote.exists() else remote.local / ".missing"
 
 @cli.command("run")
 @config_arg

@@ -621,7 +621,9 @@ class Config(Strict):
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.run.out_dir)
+        """Local: the directory; ``s3://``/``gs://``: its scratch mirror (``pipeline.storage``),
+        which the run graph pulls and pushes around every node."""
+        return _local_root(self.run.out_dir)
 
     @property
     def train_seed(self) -> int:
@@ -629,13 +631,19 @@ class Config(Strict):
 
     @property
     def cache_root(self) -> Path:
-        return Path(self.cache.root) if self.cache.root else self.out_dir / "cache"
+        return _local_root(self.cache.root) if self.cache.root else self.out_dir / "cache"
 
     def resolved(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
     def to_json(self) -> str:
         return json.dumps(self.resolved(), indent=2, sort_keys=False)
+
+
+def _local_root(root: str) -> Path:
+    from pipeline.storage import is_remote, mirror_path
+
+    return mirror_path(root) if is_remote(root) else Path(root)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -14,8 +14,9 @@ shards still check out. Everything else is recomputed, and this module alone pri
 from __future__ import annotations
 
 import json
+import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -25,6 +26,7 @@ from pipeline.config import Config
 from pipeline.errors import UserError, storage_error
 from pipeline.fingerprint import dir_identity, fingerprint
 from pipeline.locate import content_identity, is_remote
+from pipeline.storage import Syncer, remote_for
 from pipeline.resolve import (Layout, analyze_spec, bootstrap_dir, bootstrap_spec, cache_spec, eval_spec, layout, pack_spec, query_span_windows,
                               train_specs, with_teacher)
 from stages.specs import CacheSpec, PackSpec, TrainSpec
@@ -137,6 +139,9 @@ class Graph:
         for node in nodes:
             with log.stage(node.stage):
                 out = node.locate()
+                remote = remote_for(out)  # a bucket-backed output: its scratch mirror is pulled first
+                if remote is not None:
+                    remote.pull()
                 ident = fingerprint(node.identity())
                 if is_done(node, out, ident):
                     node.out = out
@@ -144,15 +149,22 @@ class Graph:
                     continue
                 print(f"{node.stage}: computing {node.name}", flush=True)
                 try:
-                    node.compute(out)
+                    with Syncer(remote) if remote is not None else nullcontext():
+                        node.compute(out)
                 except OSError as err:  # disk full, read-only: one line naming the output
                     user = storage_error(err, where=out)
                     if user is None:
                         raise
                     raise user from None
+                finally:
+                    if remote is not None and sys.exc_info()[0] is not None:
+                        with suppress(Exception):  # keep what finished for the next run to resume from
+                            remote.push(final=False)
                 mark_done(node, out, ident)
+                if remote is not None:
+                    remote.push(final=True)  # completion files last
                 node.out = out
-                log.note(node, out, reused=False)
+                log.note(node, out if remote is None else remote.uri, reused=False)
         return log
 
 

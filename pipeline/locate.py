@@ -163,8 +163,13 @@ def hub_wanted(relpath: str, kind: Kind, remote_code: bool = False) -> bool:
 
 
 def _object_store_copy(ref: str, field: str, kind: Kind) -> Path:
-    """A local copy of an ``s3://`` / ``gs://`` object; filled in by pipeline/storage.py."""
-    raise UserError(f"{field}: object-store URIs are handled by pipeline/storage.py")
+    """A local copy of an ``s3://`` / ``gs://`` object or prefix (``pipeline/storage.py``)."""
+    from pipeline.storage import local_copy
+
+    try:
+        return local_copy(ref)
+    except UserError as err:
+        raise UserError(f"{field}: {err}") from None
 
 
 # ----------------------------------------------------------------------------- the Hub

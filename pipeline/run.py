@@ -14,6 +14,7 @@ from pipeline.atomic import atomic_write_json
 from pipeline.config import Config
 from pipeline.graph import Graph, RunLog, build_graph, models_of
 from pipeline.resources import PeakMemory
+from pipeline.storage import remote_for
 
 
 def run_stage(cfg: Config, stage: str, address: str | None = None, student: str | None = None,
@@ -38,6 +39,9 @@ def run_pipeline(cfg: Config, address: str | None = None) -> Path:
     summary = {"wall_s": round(wall, 1), "peak_memory_gib": round(mem.peak_gib, 2), "timings": log.timings,
                "reused": log.reused, "computed": log.computed, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     out.mkdir(parents=True, exist_ok=True)
+    root = remote_for(out)  # run.out_dir on a bucket: the history is read from there, the report goes there
+    if root is not None and "runs.jsonl" in root.listing():
+        root.fetch("runs.jsonl")
     with open(out / "runs.jsonl", "a") as f:  # every invocation, so a re-run keeps the cold run's budget
         f.write(json.dumps(summary) + "\n")
     atomic_write_json(out / "run.json", summary)
@@ -48,6 +52,10 @@ def run_pipeline(cfg: Config, address: str | None = None) -> Path:
             kind, name = n.name.split(" ", 1) if n.name.startswith("perturb") else ("query_spans", n.name[12:])
             analyses["perturb" if kind == "perturb" else "query_spans"][name] = n.out
     report = write_report(graph, models_of(graph), eval_dir, analyses, summary)
+    if root is not None:
+        for path in [out / "runs.jsonl", out / "run.json", report, *sorted((out / "report_figures").glob("*"))]:
+            if path.is_file():
+                root.upload_file(path, path.relative_to(out).as_posix())
     print(f"run: wall {wall:.0f} s, peak memory {mem.peak_gib:.2f} GiB (driver + Ray workers + ranks)")
     print(f"run: reused {sum(len(v) for v in log.reused.values())} outputs, "
           f"computed {sum(len(v) for v in log.computed.values())}; report {report}")

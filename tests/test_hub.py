@@ -366,12 +366,3 @@ def test_local_paths_keep_their_messages(hub):
         resolve_files("corpus/docs.jsonl")
     with pytest.raises(UserError, match=r"^data\.tokenizer: 'no/such/tokenizer' is neither 'byte' nor"):
         load_tokenizer("no/such/tokenizer")
-
-
-def test_object_store_uris_go_to_storage(hub, monkeypatch, tmp_path):
-    with pytest.raises(UserError, match=r"^teacher\.model: object-store URIs are handled by pipeline/storage\.py"):
-        local_path("s3://bucket/teacher", "teacher.model", "model")
-    calls = []
-    monkeypatch.setattr(locate, "_object_store_copy", lambda ref, field, kind: calls.append((ref, field, kind)) or tmp_path)
-    assert local_path("gs://bucket/corpus", "data.source", "dataset") == tmp_path
-    assert calls == [("gs://bucket/corpus", "data.source", "dataset")]
