@@ -69,13 +69,10 @@ def _error(uri: str, err: Exception) -> UserError:
     return UserError(f"'{uri}': {str(err).splitlines()[0][:300]}")
 
 
-SYNC_MEMO = ".sync.json"
-
-
 class Remote:
     """A bucket prefix and the local directory that mirrors it.
 
-    ``.sync.json`` in the mirror records, per file, the local (size, mtime_ns) and the
+    A memo (``<scratch>/.sync/...``) records, per file, the local (size, mtime_ns) and the
     object's (size, mtime) as of the last transfer: a file is sent again only when its local
     stat changed, and fetched again only when the object (or the local copy) changed; no
     clock comparison between machines is involved."""
@@ -90,17 +87,25 @@ class Remote:
 
     # ------------------------------------------------------------------ bookkeeping
 
+    @property
+    def _memo_file(self) -> Path:
+        # Beside the mirror, not in it: the mirror holds exactly the bucket's files, so a
+        # directory's content identity is the same on every machine.
+        rel = self.local.relative_to(scratch_root())
+        return scratch_root() / ".sync" / rel.parent / f"{rel.name}.json"
+
     def _memo(self) -> dict[str, list[int]]:
         try:
-            return json.loads((self.local / SYNC_MEMO).read_text())
+            return json.loads(self._memo_file.read_text())
         except (OSError, ValueError):
             return {}
 
     def _save(self, memo: dict[str, list[int]]) -> None:
-        self.local.mkdir(parents=True, exist_ok=True)
-        tmp = self.local / f"{SYNC_MEMO}.{os.getpid()}-{threading.get_ident()}"
+        f = self._memo_file
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f".{f.name}.{os.getpid()}-{threading.get_ident()}")
         tmp.write_text(json.dumps(memo))
-        os.replace(tmp, self.local / SYNC_MEMO)
+        os.replace(tmp, f)
 
     def _entry(self, name: str, info: Any) -> list[int] | None:
         try:

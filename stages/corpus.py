@@ -83,7 +83,7 @@ def resolve_files(source: str) -> list[Path]:
     elif p.is_file():
         files = [p]
     else:
-        files = sorted(Path(f) for f in glob.glob(source, recursive=True) if Path(f).is_file())
+        files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
     if not files:
         raise UserError(f"data.source: no .jsonl/.parquet/.txt files or saved dataset at '{source}'")
     for f in files:
