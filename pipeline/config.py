@@ -623,7 +623,7 @@ class Config(Strict):
     def out_dir(self) -> Path:
         """Local: the directory; ``s3://``/``gs://``: its scratch mirror (``pipeline.storage``),
         which the run graph pulls and pushes around every node."""
-        return _local_root(self.run.out_dir)
+        return _local_root(self.run.out_dir, "run.out_dir")
 
     @property
     def train_seed(self) -> int:
@@ -631,7 +631,7 @@ class Config(Strict):
 
     @property
     def cache_root(self) -> Path:
-        return _local_root(self.cache.root) if self.cache.root else self.out_dir / "cache"
+        return _local_root(self.cache.root, "cache.root") if self.cache.root else self.out_dir / "cache"
 
     def resolved(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -640,10 +640,15 @@ class Config(Strict):
         return json.dumps(self.resolved(), indent=2, sort_keys=False)
 
 
-def _local_root(root: str) -> Path:
+def _local_root(root: str, field: str) -> Path:
     from pipeline.storage import is_remote, mirror_path
 
-    return mirror_path(root) if is_remote(root) else Path(root)
+    if not is_remote(root):
+        return Path(root)
+    try:
+        return mirror_path(root)
+    except UserError as err:
+        raise UserError(f"{field}: {err}") from None
 
 
 # ----------------------------------------------------------------------------- loading

@@ -106,6 +106,8 @@ def _teacher_case(id: str, names: list[str], command: str = "cache run",
     return Case(id, build, names)
 
 
+_NO_S3 = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+          "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": "/nonexistent/posdistill-test-hub-cache"}
 TINY: list[Path] = []  # the module fixture's tiny teacher
 
@@ -204,6 +206,11 @@ CASES: list[Case] = [
     Case("hub-teacher-missing", lambda r: ["cache", "run", str(_cfg(r, teacher={"model": "org/no-such-teacher"},
                                                                     cache={"k": 8}))],
          ["teacher.model", "'org/no-such-teacher'", "Hugging Face cache"], env=_OFFLINE),
+    # --- object storage: a server that does not answer, a URI without a bucket
+    Case("s3-source-unreachable", lambda r: ["pack", str(_cfg(r, data={"source": "s3://no-bucket/corpus/*.jsonl"}))],
+         ["data.source", "s3://no-bucket/corpus", "connect"], env=_NO_S3),
+    Case("s3-out-dir-no-bucket", lambda r: ["pack", str(_cfg(r, run={"out_dir": "s3://"}))],
+         ["run.out_dir", "s3://", "not a bucket URI"]),
     # --- the output directory
     Case("out-dir-is-a-file", lambda r: ["pack", str(_cfg(r))] if (r / "out").write_text("x") else [], ["out"]),
     # --- teacher
