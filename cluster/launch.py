@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.head import free_port
+from cluster.jit import check_jit_locks
 from pipeline.errors import Stopped, UserError
 from stages.specs import TrainSpec
 from stages.train.checkpoint import complete_tags
@@ -69,6 +70,7 @@ def run_training(spec: TrainSpec, inputs: dict[int, Path], run: Path, workers: i
     preflight(spec, inputs, workers)
     if resume and not complete_tags(run / "checkpoints"):
         raise UserError(f"--resume: no complete checkpoint under {run / 'checkpoints'}")
+    check_jit_locks()
     run.mkdir(parents=True, exist_ok=True)
     job = write_job(spec, inputs, run)
     if spec.train.launcher == "ray":
