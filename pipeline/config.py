@@ -32,6 +32,7 @@ def _listed(v: Any) -> Any:
 Pair = Annotated[tuple[int, int], BeforeValidator(_listed)]
 FloatPair = Annotated[tuple[float, float], BeforeValidator(_listed)]
 Range = Annotated[Pair, AfterValidator(_ordered)]  # [min, max], 1 <= min <= max
+AttnBackend = Literal["sdpa", "eager", "flash_attention_2", "flex_attention"]  # stages/attention.py
 
 
 class Strict(BaseModel):
@@ -250,8 +251,8 @@ class TeacherConfig(Strict):
     # Positions per top-k chunk: the [chunk, vocab] logits are the largest tensor built.
     chunk_len: int = Field(1024, gt=0)
     batch_size: int = Field(1, gt=0)  # windows per teacher forward
-    # transformers attn_implementation ("sdpa", "eager", "flash_attention_2"); None: its default.
-    attn_implementation: str | None = None
+    # sdpa (default), eager, flash_attention_2, flex_attention; doc_masked never builds [L, L].
+    attn_implementation: AttnBackend | None = None
     bootstrap: BootstrapConfig | None = None
 
 
@@ -297,7 +298,7 @@ class StudentConfig(Strict):
     init: str | None = None  # a Hugging Face model directory, or a Hub id "org/name[@revision]"
     config: StudentArch | None = None
     name: str | None = None  # run directory <run.out_dir>/train/<name>; default "student"
-    attn_implementation: str = "sdpa"  # sdpa, eager, flash_attention_2, ...
+    attn_implementation: AttnBackend = "sdpa"  # see docs/train.md "Attention backends"
     trust_remote_code: bool = False  # only for student.init
 
     @model_validator(mode="after")

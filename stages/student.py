@@ -92,9 +92,11 @@ def build_student(spec: TrainSpec, model_config: Any | None = None) -> tuple[Any
     import torch
     from transformers import AutoModelForCausalLM
 
+    from stages.attention import implementation
+
     scfg = spec.student
     mcfg, fresh = (model_config, scfg.init is None) if model_config is not None else student_config(spec)
-    attn = scfg.attn_implementation
+    attn = implementation(scfg.attn_implementation)
     if fresh:
         torch.manual_seed(spec.seed)
         mcfg._attn_implementation = attn

@@ -21,6 +21,7 @@ from pipeline.config import TeacherConfig
 from pipeline.errors import UserError
 from pipeline.fingerprint import dir_identity
 from pipeline.locate import hub_ref, hub_wanted, local_path, ref_identity
+from stages.attention import check_backend, implementation
 from stages.tokenizer import TOKENIZER_FILES
 from stages.windows import position_ids
 
@@ -162,8 +163,8 @@ def load_teacher(tcfg: TeacherConfig, device: str | torch.device = "cpu") -> tor
     teacher_identity(tcfg)  # validates the path with a clear message
     kwargs: dict[str, Any] = {"dtype": DTYPES[tcfg.dtype], "local_files_only": True,
                               "trust_remote_code": bool(tcfg.trust_remote_code)}
-    if tcfg.attn_implementation:
-        kwargs["attn_implementation"] = tcfg.attn_implementation
+    check_backend(tcfg.attn_implementation, "teacher.attn_implementation", str(device))
+    kwargs["attn_implementation"] = implementation(tcfg.attn_implementation)
     check_weight_files(tcfg.model)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(teacher_dir(tcfg)), **kwargs)

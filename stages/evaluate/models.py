@@ -15,6 +15,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.locate import hub_ref, local_path
+from stages.attention import implementation
 from stages.teacher import DTYPES
 from stages.tokenizer import TOKENIZER_FILES
 
@@ -60,7 +61,8 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "auto",
     hub = hub_ref(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(p), dtype=DTYPES[dtype], local_files_only=True, trust_remote_code=False)
+            str(p), dtype=DTYPES[dtype], local_files_only=True, trust_remote_code=False,
+            attn_implementation=implementation("sdpa"))
     except Exception as err:  # transformers raises many types for "not a model"
         raise UserError(f"--model: cannot load '{path}' ({type(err).__name__}: "
                         f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None

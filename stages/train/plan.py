@@ -132,10 +132,13 @@ def check_train(spec: TrainSpec, workers: int) -> None:
 
     import torch
 
+    from stages.attention import check_backend
     from stages.train.ds_config import deepspeed_config
 
     geo = geometry(spec.train, workers)
     deepspeed_config(spec.train, geo, gpu=torch.cuda.is_available())
+    check_backend(spec.student.attn_implementation, "student.attn_implementation",
+                  "cuda" if torch.cuda.is_available() else "cpu", training=True)
     for ph in spec.phases:
         if ph.cache is None or not ph.pack.pack.max_windows:
             continue
