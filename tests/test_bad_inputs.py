@@ -177,6 +177,13 @@ CASES: list[Case] = [
         r, student={"config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4}},
         train={"workers": 2, "batch_size": 2, "phases": [{"window_len": 128, "steps": 2}], "kd": {"alpha": 0.0},
                "deepspeed": {"config": {"train_batch_size": 64}}}))], ["train_batch_size", "64", "train.batch_size"]),
+    _raw("attn-unknown", "student: {config: {hidden_size: 32}, attn_implementation: flash}\n",
+         ["student.attn_implementation", "flash"]),
+    Case("attn-flex-trains-on-cpu", lambda r: ["train", str(_cfg(
+        r, student={"config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4},
+                    "attn_implementation": "flex_attention"},
+        train={"workers": 2, "batch_size": 2, "phases": [{"window_len": 128, "steps": 2}], "kd": {"alpha": 0.0}}))],
+        ["student.attn_implementation", "flex_attention", "no backward"]),
     # --- selecting what does not exist
     _config_case("student-unknown", ["--student", "nobody"], command="pack --student nobody",
                  train={"phases": [{"window_len": 128, "steps": 2}]}),
