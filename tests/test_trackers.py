@@ -250,3 +250,21 @@ def test_progress_line_and_eta_after_a_resume(monkeypatch):
     line = p.line()
     assert line.startswith("train kd-theta-s0 phase 2/3: 47/200 steps | loss 2.31 | 19k tokens/s | ETA 3:38")
     assert progress.is_progress_line(line) and not progress.is_progress_line("train: phase0 window 64, steps 0..3")
+
+
+def test_local_launcher_redraws_rank_progress_in_place_on_a_terminal(tmp_path, monkeypatch):
+    import io
+
+    from cluster.launch import run_ranks
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    lines = ["train: phase0 window 64", "train s phase 1/1: 1/2 steps | loss 3 | ETA 0:01",
+             "train s phase 1/1: 2/2 steps | loss 2 | ETA 0:00", "train: exported"]
+    script = "import sys\nfor x in %r: print(x, file=sys.stderr, flush=True)" % lines
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    assert run_ranks([sys.executable, "-c", script], dict(os.environ), tmp_path / "err") == 0
+    assert term.getvalue() == (f"{lines[0]}\n\r{lines[1]}\x1b[K\r{lines[2]}\x1b[K\n{lines[3]}\n")
