@@ -24,6 +24,7 @@ from typing import Any
 from cluster.head import free_port
 from cluster.jit import check_jit_locks
 from pipeline.errors import Stopped, UserError
+from pipeline.progress import LIVE_ENV, is_progress_line
 from stages.specs import TrainSpec
 from stages.train.checkpoint import complete_tags
 from stages.train.loop import RANK_ERROR_ENV, read_job, write_job
@@ -44,6 +45,8 @@ def rank_env(workers: int) -> dict[str, str]:
     if not _has_gpu():
         env["DS_ACCELERATOR"] = "cpu"
     env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(workers)))
+    if sys.stderr.isatty():
+        env[LIVE_ENV] = "1"  # run_ranks redraws their progress lines: they may print them often
     # The project root on the ranks' path, whatever their working directory.
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -106,11 +109,22 @@ def run_ranks(cmd: list[str], env: dict[str, str], error_file: Path, grace_s: fl
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True,
                             preexec_fn=_die_with_parent)
 
+    live = sys.stderr.isatty()  # progress lines redraw in place, as in the ranks' own terminal
+
     def forward() -> None:
+        drawn = False  # the cursor sits after a redrawn progress line
         for line in proc.stderr:
-            if not error_file.exists():
-                sys.stderr.write(line)
-                sys.stderr.flush()
+            if error_file.exists():
+                continue
+            if live and is_progress_line(line):
+                sys.stderr.write("\r" + line.rstrip("\n") + "\x1b[K")
+                drawn = True
+            else:
+                sys.stderr.write(("\n" if drawn else "") + line)
+                drawn = False
+            sys.stderr.flush()
+        if drawn:
+            sys.stderr.write("\n")
 
     pump = threading.Thread(target=forward, daemon=True)
     pump.start()

@@ -431,6 +431,19 @@ class DeepSpeedConfig(Strict):
         return self
 
 
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
+
+
+class TrackingConfig(Strict):
+    """Where experiment trackers file a run (train.report_to); none of it changes what is trained."""
+
+    project: str = "posdistill"  # W&B project, MLflow experiment
+    run_name: str | None = None  # default: the student's label (student.name, or <variant>-s<seed>)
+    tags: list[str] = Field(default_factory=list)
+    # Default: a file store under the run directory (<run>/mlruns); e.g. http://mlflow:5000.
+    mlflow_tracking_uri: str | None = None
+
+
 class TrainConfig(Strict):
     launcher: Literal["local", "ray"] = "local"
     # Seed of the student's init and data order (default: run.seed). Vary it to repeat a
@@ -461,8 +474,17 @@ class TrainConfig(Strict):
     max_skipped_steps: int = Field(10, gt=0)
     prefetch: int = Field(4, gt=0)  # micro-batches read ahead by the loader thread
     log_every_s: float = Field(10.0, gt=0)  # progress line interval (rank 0)
+    # Experiment trackers fed by rank 0, besides metrics.jsonl (always written). Like the
+    # progress settings they are not part of the run's identity (stages.train.metrics).
+    report_to: list[Tracker] = Field(default_factory=lambda: ["tensorboard"])
+    tracking: TrackingConfig = TrackingConfig()
     kd: KDConfig = KDConfig()
     phases: list[PhaseConfig] = Field(default_factory=list)
+
+    @field_validator("report_to")
+    @classmethod
+    def _once(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
 
     @model_validator(mode="after")
     def _windows_split(self) -> "TrainConfig":

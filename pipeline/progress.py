@@ -6,8 +6,25 @@ most every ``interval`` seconds so logs stay short.
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 import time
+
+# Set by a launcher that forwards its ranks' output to a terminal and redraws their progress
+# lines in place (cluster.launch.run_ranks): the ranks may then print them often.
+LIVE_ENV = "POSDISTILL_LIVE_PROGRESS"
+_LINE = re.compile(r"^[^:|\n]+: \d+(?:/\d+)? \w+(?: \| .*)?$")
+
+
+def progress_interval(interval: float) -> float:
+    """Seconds between progress lines of a process whose output is piped to its launcher."""
+    return min(interval, 1.0) if os.environ.get(LIVE_ENV) else interval
+
+
+def is_progress_line(line: str) -> bool:
+    """Whether ``line`` is one of :meth:`Progress.line` (``label: 3/10 steps | ...``)."""
+    return bool(_LINE.match(line.rstrip("\n")))
 
 
 def _fmt_secs(s: float) -> str:
@@ -27,9 +44,9 @@ def human(n: float) -> str:
 
 class Progress:
     def __init__(self, label: str, total: int | None, unit: str = "items",
-                 rate_unit: str = "tokens", interval: float = 10.0, enabled: bool = True):
+                 rate_unit: str = "tokens", interval: float = 10.0, enabled: bool = True, done: int = 0):
         self.label, self.total, self.unit, self.rate_unit = label, total, unit, rate_unit
-        self.done = 0
+        self.done = self._first = done  # done before this process started (a resumed run)
         self.amount = 0  # what the rate is measured in (tokens by default)
         self.note = ""  # shown after the count (training: phase and loss)
         self.start = time.monotonic()
@@ -54,8 +71,8 @@ class Progress:
             parts.append(self.note)
         if self.amount:
             parts.append(f"{human(rate)} {self.rate_unit}/s")
-        if self.total and self.done:
-            eta = elapsed / self.done * (self.total - self.done)
+        if self.total and self.done > self._first:
+            eta = elapsed / (self.done - self._first) * (self.total - self.done)
             parts.append(f"ETA {_fmt_secs(eta)}")
         parts.append(f"elapsed {_fmt_secs(elapsed)}")
         return " | ".join(parts)

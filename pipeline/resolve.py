@@ -21,6 +21,11 @@ from pipeline.fingerprint import fingerprint
 from stages.specs import AnalyzeSpec, BootstrapSpec, CacheSpec, EvalSpec, PackSpec, PhaseSpec, TrainSpec
 
 
+# train keys that say where a run is reported, not what is trained: changing them keeps the
+# run directory, its checkpoints and its completion marker.
+NOT_IDENTITY = ("report_to", "tracking")
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where every node's output lives."""
@@ -133,6 +138,7 @@ def _train_spec(cfg: Config, variant: StudentVariant | None, seed: int, parent: 
     label = f"{variant.name}-s{seed}" if variant is not None else (cfg.student.name or "student")
     raw["student"]["name"] = None
     identity = {k: raw[k] for k in ("data", "pack", "teacher", "cache", "student", "train")}
+    identity["train"] = {k: v for k, v in raw["train"].items() if k not in NOT_IDENTITY}
     # The windows its phases read, which other students' steps may enlarge (a shared pack).
     identity["phase_windows"] = [phase_pack_spec(cfg, ph).pack.max_windows
                                  for ph in (variant.phases if variant is not None else cfg.train.phases)]

@@ -20,13 +20,13 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from pipeline.errors import UserError
-from pipeline.progress import Progress
+from pipeline.progress import Progress, progress_interval
 from stages.specs import PhaseSpec, TrainSpec, spec_to_dict, train_spec_from_dict
 from stages.train.ds_config import deepspeed_config, precision
 from stages.train.plan import MODEL_DIR, Geometry, geometry, lr_at, preflight, threads_per_rank
@@ -107,18 +107,28 @@ def init_distributed() -> DistEnv:
                    device=torch.device("cuda", local_rank) if gpu else torch.device("cpu"))
 
 
-def _rank0_preflight(spec: TrainSpec, inputs: dict[int, Path], env: DistEnv) -> None:
-    """Rank 0 checks inputs (and packs missing windows) while the others wait; an error
-    reaches every rank so none hangs in a collective."""
-    msg = [None]
+def _on_rank0(env: DistEnv, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 (None elsewhere) while the others wait; its UserError reaches every
+    rank, so none hangs in a collective."""
+    out, msg = None, [None]
     if env.rank == 0:
         try:
-            preflight(spec, inputs, env.world)
+            out = fn()
         except UserError as err:
             msg[0] = str(err)
     dist.broadcast_object_list(msg, src=0)
     if msg[0] is not None:
         raise UserError(msg[0])
+    return out
+
+
+def tracked_config(spec: TrainSpec) -> dict[str, Any]:
+    """What trackers record as the run's config: the resolved sections and every phase."""
+    phases = [{"name": p.name, "window_len": p.window_len, "steps": p.steps, "start": p.start, "lr": p.lr,
+               "min_lr_ratio": p.min_lr_ratio, "kd": spec_to_dict(p.kd), "rope": spec_to_dict(p.rope),
+               "source": p.source} for p in spec.phases]
+    return {"label": spec.label, "variant": spec.variant, "seed": spec.seed, "init_from": spec.init_from,
+            **spec.identity(), "resolved_phases": phases}
 
 
 class NonFiniteTraining(UserError):
@@ -216,7 +226,7 @@ def train(spec: TrainSpec, inputs: dict[int, Path], run: Path, resume: bool = Fa
 
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")  # DeepSpeed's own call
     env = init_distributed()
-    _rank0_preflight(spec, inputs, env)
+    _on_rank0(env, lambda: preflight(spec, inputs, env.world))
     torch.set_num_threads(threads_per_rank(env.local_world))
     t, phases = spec.train, spec.phases
     geo = geometry(t, env.world)
@@ -233,55 +243,58 @@ def train(spec: TrainSpec, inputs: dict[int, Path], run: Path, resume: bool = Fa
     step = point.step if point else 0
     if point:
         say(f"train: resuming from {point.tag.name} (step {step})")
-    metrics = MetricsLog(run, step, enabled=env.rank == 0)
-    progress = Progress(f"train {spec.label}", phases[-1].end, unit="steps", interval=t.log_every_s,
-                        enabled=env.rank == 0)
-    progress.done = step
+    metrics = _on_rank0(env, lambda: MetricsLog(run, step, True, t.report_to, t.tracking, spec.label,
+                                                tracked_config(spec))) or MetricsLog(run, step, enabled=False)
     skipped = 0  # consecutive optimizer steps DeepSpeed skipped
 
-    for phase in phases:
-        if step >= phase.end:
-            continue
-        report = apply_rope(model, rope_plan[phase.index], phase.window_len)
-        say(f"train: {phase.name} window {phase.window_len}, steps {phase.start}..{phase.end}, "
-            f"{'KD from ' if phase.source == 'cache' else 'CE on '}{phase.source} (alpha {phase.kd.alpha}); "
-            + report.line(phase.window_len))
-        resume_here = point is not None and point.phase == phase.index and phase.start < step
-        data = open_loader(spec, phase, inputs[phase.index], geo, env.rank, state if resume_here else None)
-        try:
-            while step < phase.end:
-                lr = lr_at(phase, step - phase.start, t.warmup_steps)
-                for group in engine.optimizer.param_groups:
-                    group["lr"] = lr
-                t0 = time.perf_counter()
-                try:
-                    s = train_step(engine, data, phase, geo, env.device)
-                except NonFiniteTraining as err:
-                    raise NonFiniteTraining(f"train: {phase.name} step {step + 1}: {err}; stopped before saving "
-                                            "it (the last checkpoint is clean)") from None
-                dt = time.perf_counter() - t0
-                step += 1
-                grad_norm = engine.get_global_grad_norm()
-                skipped = skipped + 1 if not engine.was_step_applied() else 0
-                if skipped >= t.max_skipped_steps:
-                    raise NonFiniteTraining(f"train: {phase.name} step {step}: DeepSpeed skipped the last {skipped} "
-                                            "optimizer steps (gradient overflow; train.max_skipped_steps="
-                                            f"{t.max_skipped_steps})")
-                if not skipped and grad_norm is not None and not math.isfinite(float(grad_norm)):
-                    raise NonFiniteTraining(f"train: {phase.name} step {step}: gradient norm is {float(grad_norm)}; "
-                                            "stopped before saving it (the last checkpoint is clean)")
-                metrics.log({"phase": phase.index, "step": step, "loss": s.loss, "kd": s.kd, "ce": s.ce, "lr": lr,
-                             "tokens": s.tokens, "tokens_per_s": s.tokens / dt, "step_s": dt,
-                             "wait_s": s.wait_s, "grad_norm": None if grad_norm is None else float(grad_norm),
-                             "phase_name": phase.name})
-                progress.note = f"{phase.name} loss {s.loss:.4g}"
-                progress.update(1, s.tokens)
-                if step % t.save_every == 0 or step == phase.end:
-                    ckpt.save(engine, step, phase.index, data.state_dict(), model, tokenizer)
-        finally:
-            data.close()
-    progress.close()
-    metrics.close()
+    with metrics:
+        for phase in phases:
+            if step >= phase.end:
+                continue
+            report = apply_rope(model, rope_plan[phase.index], phase.window_len)
+            say(f"train: {phase.name} window {phase.window_len}, steps {phase.start}..{phase.end}, "
+                f"{'KD from ' if phase.source == 'cache' else 'CE on '}{phase.source} (alpha {phase.kd.alpha}); "
+                + report.line(phase.window_len))
+            named = "" if phase.name == f"phase{phase.index}" else f" ({phase.name})"
+            progress = Progress(f"train {spec.label} phase {phase.index + 1}/{len(phases)}{named}", phase.steps,
+                                unit="steps", interval=progress_interval(t.log_every_s), enabled=env.rank == 0,
+                                done=step - phase.start)
+            resume_here = point is not None and point.phase == phase.index and phase.start < step
+            data = open_loader(spec, phase, inputs[phase.index], geo, env.rank, state if resume_here else None)
+            try:
+                while step < phase.end:
+                    lr = lr_at(phase, step - phase.start, t.warmup_steps)
+                    for group in engine.optimizer.param_groups:
+                        group["lr"] = lr
+                    t0 = time.perf_counter()
+                    try:
+                        s = train_step(engine, data, phase, geo, env.device)
+                    except NonFiniteTraining as err:
+                        raise NonFiniteTraining(f"train: {phase.name} step {step + 1}: {err}; stopped before saving "
+                                                "it (the last checkpoint is clean)") from None
+                    dt = time.perf_counter() - t0
+                    step += 1
+                    grad_norm = engine.get_global_grad_norm()
+                    skipped = skipped + 1 if not engine.was_step_applied() else 0
+                    if skipped >= t.max_skipped_steps:
+                        raise NonFiniteTraining(f"train: {phase.name} step {step}: DeepSpeed skipped the last {skipped} "
+                                                "optimizer steps (gradient overflow; train.max_skipped_steps="
+                                                f"{t.max_skipped_steps})")
+                    if not skipped and grad_norm is not None and not math.isfinite(float(grad_norm)):
+                        raise NonFiniteTraining(f"train: {phase.name} step {step}: gradient norm is "
+                                                f"{float(grad_norm)}; stopped before saving it (the last checkpoint "
+                                                "is clean)")
+                    metrics.log({"phase": phase.index, "step": step, "loss": s.loss, "kd": s.kd, "ce": s.ce, "lr": lr,
+                                 "tokens": s.tokens, "tokens_per_s": s.tokens / dt, "step_s": dt,
+                                 "wait_s": s.wait_s, "grad_norm": None if grad_norm is None else float(grad_norm),
+                                 "phase_name": phase.name})
+                    progress.note = f"loss {s.loss:.3g}"
+                    progress.update(1, s.tokens)
+                    if step % t.save_every == 0 or step == phase.end:
+                        ckpt.save(engine, step, phase.index, data.state_dict(), model, tokenizer)
+            finally:
+                data.close()
+            progress.close()
 
     out = run / MODEL_DIR
     if env.rank == 0 and not (out / "config.json").is_file():

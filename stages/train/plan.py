@@ -126,15 +126,17 @@ def check_inputs(phase: PhaseSpec, path: Path) -> Path:
 
 
 def check_train(spec: TrainSpec, workers: int) -> None:
-    """Batch geometry, precision, the DeepSpeed config and whether each KD phase's cache can
-    be shared by the ranks, before anything computes (the graph's check of a train node)."""
+    """The trackers' packages, batch geometry, precision, the DeepSpeed config and whether each
+    KD phase's cache can be shared by the ranks, before anything computes (the graph's check of a train node)."""
     import math
 
     import torch
 
     from stages.attention import check_backend
     from stages.train.ds_config import deepspeed_config
+    from stages.train.metrics import check_trackers
 
+    check_trackers(spec.train.report_to)  # a missing wandb / mlflow fails here, not at step 1
     geo = geometry(spec.train, workers)
     deepspeed_config(spec.train, geo, gpu=torch.cuda.is_available())
     check_backend(spec.student.attn_implementation, "student.attn_implementation",
