@@ -36,7 +36,9 @@ COPY pipeline/ pipeline/
 COPY stages/ stages/
 COPY cluster/ cluster/
 COPY configs/ configs/
-RUN python -m pip install . && python -c "import pipeline.cli, stages, cluster"
+# EXTRAS: the optional trackers (train.report_to); build with --build-arg EXTRAS= for none.
+ARG EXTRAS=wandb,mlflow
+RUN python -m pip install ".[${EXTRAS}]" && python -c "import pipeline.cli, stages, cluster"
 
 # Ray and DeepSpeed write under $HOME (~/.ray, ~/.cache/torch_extensions): a non-root user with a home.
 RUN useradd --create-home --uid 1000 --shell /bin/bash ray

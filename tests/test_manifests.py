@@ -238,7 +238,7 @@ def test_dockerfile_pins_torch_before_the_package_and_runs_unprivileged():
     assert lines[0].startswith("ARG BASE=") and lines[1] == "FROM ${BASE}"
     assert "ENTRYPOINT" not in ops and "CMD" not in ops  # KubeRay gives the `ray start` command
     torch = next(i for i, ln in enumerate(lines) if "pip install" in ln and "TORCH_SPEC" in ln)
-    package = next(i for i, ln in enumerate(lines) if re.search(r"pip install \.( |$)", ln))
+    package = next(i for i, ln in enumerate(lines) if re.search(r'pip install (\.|"\.\[\$\{EXTRAS\}\]")( |$)', ln))
     assert torch < package
     assert any(ln.startswith("ARG TORCH_SPEC=torch==") for ln in lines[:torch])
     assert any(ln.startswith("ARG TORCH_INDEX_URL=") for ln in lines[:torch])
