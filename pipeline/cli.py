@@ -102,29 +102,41 @@ def cluster() -> None:
 @cluster.command("up")
 @click.option("--port", default=6379, show_default=True)
 @click.option("--dashboard-port", default=8265, show_default=True)
-@click.option("--num-cpus", type=int, default=None)
-@click.option("--num-gpus", type=int, default=None)
-def cluster_up(port: int, dashboard_port: int, num_cpus: int | None, num_gpus: int | None) -> None:
-    """Start a Ray head bound to loopback, token auth on."""
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Ray nodes on 127.0.0.1: the head plus NODES-1 worker nodes (node i has the custom "
+                   "resource posdistill_node_<i>: 1).")
+@click.option("--num-cpus", type=int, default=None, help="CPUs of each node (default: Ray's count).")
+@click.option("--num-gpus", type=int, default=None, help="GPUs of each node.")
+def cluster_up(port: int, dashboard_port: int, nodes: int, num_cpus: int | None, num_gpus: int | None) -> None:
+    """Start a Ray head bound to loopback, token auth on, and NODES-1 worker nodes beside it
+    (a head already up is kept; a worker node that is not running is started)."""
     from cluster.head import head_up
 
-    info = head_up(port, dashboard_port, num_cpus, num_gpus)
+    info = head_up(port, dashboard_port, num_cpus, num_gpus, nodes=nodes)
     click.echo(f"Ray head on {info.gcs_address}, dashboard {info.dashboard} (loopback only)")
+    for w in info.workers:
+        click.echo(f"worker node {w.index} on 127.0.0.1 (resource {w.resource}; temp dir {w.temp_dir})")
     click.echo(f"token authentication: on; token file {info.token_path}")
     click.echo(f"submit with: posdistill submit STAGE CONFIG --address {info.dashboard}")
     click.echo(f"other clients: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={info.token_path}")
 
 
 @cluster.command("down")
-def cluster_down() -> None:
-    """Stop the head started by `cluster up` (and nothing else)."""
-    from cluster.head import head_down
+@click.option("--node", type=click.IntRange(min=1), default=None,
+              help="Stop only worker node NODE (as a lost node looks to Ray); the head and the other nodes stay.")
+def cluster_down(node: int | None) -> None:
+    """Stop the nodes started by `cluster up` (and nothing else)."""
+    from cluster.head import head_down, worker_down
 
+    if node is not None:
+        click.echo(f"stopped worker node {node}: {worker_down(node)} processes")
+        return
     click.echo(f"stopped {head_down()} processes")
 
 
 @cluster.command("status")
 def cluster_status() -> None:
+    """The head and every worker node `cluster up` started, as JSON."""
     import json
 
     from cluster.head import head_status
