@@ -394,19 +394,36 @@ def cache_info(cache_dir: str, as_json: bool) -> None:
 @config_arg
 @click.option("--address", default=None, help="Ray cluster for the cache shards and Ray Train "
               "(default: as for `posdistill cache`).")
-@click.option("--workers", type=int, default=None, help="Ranks to start (default: train.workers).")
+@click.option("--workers", type=int, default=None, help="Ranks to start on this machine (default: train.workers).")
 @click.option("--resume", is_flag=True, help="Fail unless every selected student still to train has a complete "
               "checkpoint (a plain run continues from one anyway).")
 @student_opt
-def train(config: str, address: str | None, workers: int | None, resume: bool, student: str | None) -> None:
+@click.option("--nnodes", type=int, default=1, show_default=True,
+              help="Machines of a torchrun run outside Ray: run the same command on each, with its --node-rank.")
+@click.option("--node-rank", type=int, default=0, show_default=True,
+              help="This machine's rank among --nnodes; node 0 builds the packs and caches, the others wait for them.")
+@click.option("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+              help="Node 0's address and a free port there, reachable from every node (needed with --nnodes > 1).")
+@click.option("--rdzv-backend", type=click.Choice(["static", "c10d"]), default="static", show_default=True,
+              help="static: fixed node ranks, HOST:PORT is node 0's master address; c10d: torchrun's "
+                   "TCP-store rendezvous at HOST:PORT.")
+def train(config: str, address: str | None, workers: int | None, resume: bool, student: str | None,
+          nnodes: int, node_rank: int, rdzv_endpoint: str | None, rdzv_backend: str) -> None:
     """Train every student (or --student) phase by phase with DeepSpeed, building the packs and
-    teacher caches it needs first. A run directory with a complete checkpoint continues from it."""
+    teacher caches it needs first. A run directory with a complete checkpoint continues from it.
+
+    --workers ranks on each of --nnodes machines; with --nnodes > 1, run.out_dir must be a
+    directory every machine shares (checkpoints are written from all of them)."""
+    from cluster.launch import Rendezvous
     from pipeline.fingerprint import fingerprint
     from pipeline.graph import build_graph, is_done
     from pipeline.storage import remote_for
     from stages.train.checkpoint import intact_tags
 
-    graph = build_graph(load_config(config), address=address, workers=workers)
+    rdzv = Rendezvous(nnodes=nnodes, node_rank=node_rank, endpoint=rdzv_endpoint, backend=rdzv_backend)
+    cfg = load_config(config)
+    rdzv.check(cfg.train.launcher, cfg.train.local_runner, cfg.run.out_dir)
+    graph = build_graph(cfg, address=address, workers=workers, rdzv=rdzv)
     nodes = graph.select("train", student=student)
     if resume:
         for n in nodes:
