@@ -46,6 +46,24 @@ def tighten_token_file(path: Path) -> bool:
     return True
 
 
+def ensure_token_file(path: Path = DEFAULT_TOKEN_PATH) -> bool:
+    """Create Ray's token file, mode 0600 from its first byte, when no token is configured
+    (``ray start`` under ``RAY_AUTH_MODE=token`` refuses to create one); returns whether it did.
+    An existing file (another Ray's, or one a concurrent ``ray.init`` just wrote) is kept."""
+    if find_token() is not None:
+        return False
+    from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+
+    private_dir(path.parent)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(generate_new_authentication_token())
+    return True
+
+
 def _warn_if_readable(path: Path) -> None:
     """One stderr line per file and process when a token file is readable by group/others."""
     try:

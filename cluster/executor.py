@@ -3,9 +3,12 @@
 Placement: with GPUs in the cluster each actor takes ``teacher.gpus_per_actor`` GPUs (one
 actor per GPU group, or ``teacher.num_actors``); without, ``teacher.num_actors`` CPU actors
 (default one) share the cluster's CPUs, each running torch with that many threads.
+Actors are spread over the cluster's nodes (``scheduling_strategy="SPREAD"``).
 Faults: actors are created with unlimited restarts; when one dies mid-shard (OOM, segfault,
-a lost node) Ray restarts it (reloading the teacher) and its shards go back to the front of
-the queue, up to ``cache.max_retries`` times per shard. Each actor holds ``SHARDS_IN_FLIGHT``
+a lost node) its shards go back to the front of the queue, up to ``cache.max_retries`` times
+per shard, and run on whichever actor is free next: the dead one is not waited for (a lost
+node never comes back). Ray restarts it where resources allow (reloading the teacher); a
+ping tells when, and it then takes shards again. Each actor holds ``SHARDS_IN_FLIGHT``
 shards: one running the teacher, one finishing its writes. The dead attempt left at most a
 hidden temp file, never a visible shard. An exception raised by the shard code itself is a
 bug or bad input, not a fault: it stops the job at once with its message.
@@ -68,8 +71,11 @@ class _CacheActor:
         self.cache = remote_for(job.cache_dir)
         self.worker = CacheWorker(job, device=device, threads=threads)
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> str:
+        """The id of the node this replica runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def run_shard(self, index: int) -> dict[str, Any]:
         result = self.worker.run_shard(index)
@@ -106,7 +112,7 @@ class RayExecutor:
             Actor = ray.remote(_CacheActor)
             # Two calls at once per actor (SHARDS_IN_FLIGHT): the next shard's forwards start
             # while the previous shard finishes writing; the worker's teacher lock orders them.
-            actors = [Actor.options(**per, max_restarts=-1, max_task_retries=0,
+            actors = [Actor.options(**per, max_restarts=-1, max_task_retries=0, scheduling_strategy="SPREAD",
                                     max_concurrency=SHARDS_IN_FLIGHT).remote(job, device, threads)
                       for _ in range(n)]
             try:
@@ -121,58 +127,71 @@ class RayExecutor:
         import ray
 
         try:
-            ray.get([a.ready.remote() for a in actors])
+            nodes = ray.get([a.ready.remote() for a in actors])
         except ray.exceptions.RayError as err:
             raise _user_error(err, "teacher actor failed to start") from None
+        counts = collections.Counter(nodes)
+        print(f"cache: {len(actors)} teacher actor(s) on {len(counts)} node(s): "
+              + ", ".join(f"{node[:12]} x{k}" for node, k in counts.items()), flush=True)
 
-    def _drive(self, actors: list[Any], job: Any, todo: list[int], on_done: Callable[[dict[str, Any]], None]) -> None:
+    def _drive(self, actors: list[Any], job: Any, todo: list[int], on_done: Callable[[dict[str, Any]], None],
+               restart_timeout: float = 600.0) -> None:
+        """Keep every live actor ``SHARDS_IN_FLIGHT`` shards busy. A dead actor's shards are
+        re-queued at once for the live ones; a ping to it (answered when Ray has restarted it)
+        brings it back. Only when no actor is live for ``restart_timeout`` does the job fail."""
         import ray
 
         queue = collections.deque(todo)
         cache = remote_for(job.cache_dir)
         attempts: collections.Counter[int] = collections.Counter()
-        idle = [a for _ in range(SHARDS_IN_FLIGHT) for a in range(len(actors))]  # one entry per free slot
-        inflight: dict[Any, tuple[int, int]] = {}  # ref -> (actor, shard)
-        while queue or inflight:
-            while queue and idle:
-                a, shard = idle.pop(), queue.popleft()
-                inflight[actors[a].run_shard.remote(shard)] = (a, shard)
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=self.poll_s)
+        busy = [0] * len(actors)  # shards in flight per actor
+        down: dict[int, float] = {}  # actor -> when it was seen dead (a ping to it is in flight)
+        shards: dict[Any, tuple[int, int]] = {}  # ref -> (actor, shard)
+        pings: dict[Any, int] = {}  # ref -> actor
+        while queue or shards:
+            while queue:
+                live = [a for a in range(len(actors)) if a not in down and busy[a] < SHARDS_IN_FLIGHT]
+                if not live:
+                    break
+                a = min(live, key=lambda i: busy[i])
+                shard = queue.popleft()
+                shards[actors[a].run_shard.remote(shard)] = (a, shard)
+                busy[a] += 1
+            if queue and not shards and down and time.monotonic() - min(down.values()) > restart_timeout:
+                raise UserError(f"cache: no teacher actor came back within {restart_timeout:.0f} s after "
+                                f"{len(down)} died (lost node?); {len(queue)} shard(s) left; re-run to finish them")
+            ready, _ = ray.wait([*shards, *pings], num_returns=1, timeout=self.poll_s)
             for ref in ready:
-                a, shard = inflight.pop(ref)
+                if ref in pings:
+                    a = pings.pop(ref)
+                    try:
+                        node = ray.get(ref)
+                        down.pop(a, None)
+                        print(f"cache: teacher actor {a} is back (node {node[:12]})", flush=True)
+                    except ray.exceptions.RayActorError:  # died again while restarting: ask again
+                        pings[actors[a].ready.remote()] = a
+                    continue
+                a, shard = shards.pop(ref)
+                busy[a] -= 1
                 try:
                     result = ray.get(ref)
                     if cache is not None:  # the shard may have been written on another node
                         cache.fetch(shard_name(shard))
                     on_done(result)
-                except ray.exceptions.RayActorError as err:  # the process died: restart and retry
+                except ray.exceptions.RayActorError as err:  # the process or its node died
                     attempts[shard] += 1
                     if attempts[shard] > self.max_retries:
                         raise UserError(f"cache: shard {shard} failed {attempts[shard]} times (teacher actor died: "
                                         f"{str(err).splitlines()[0][:200]}); giving up (cache.max_retries="
                                         f"{self.max_retries})") from None
-                    print(f"cache: teacher actor died on shard {shard}; retrying "
+                    print(f"cache: teacher actor {a} died on shard {shard}; retrying on a live actor "
                           f"({attempts[shard]}/{self.max_retries})", flush=True)
                     queue.appendleft(shard)
-                    self._await_restart(actors[a])
+                    if a not in down:
+                        down[a] = time.monotonic()
+                        pings[actors[a].ready.remote()] = a
                 except ray.exceptions.RayTaskError as err:
                     raise _user_error(err, f"shard {shard} failed") from None
-                idle.append(a)
-
-    @staticmethod
-    def _await_restart(actor: Any, timeout: float = 600.0) -> None:
-        """Block until Ray has restarted the actor (reloading a large teacher takes a while)."""
-        import ray
-
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                ray.get(actor.ready.remote(), timeout=timeout)
-                return
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                if time.monotonic() > deadline:
-                    raise UserError("cache: a teacher actor did not come back after a crash") from None
-                time.sleep(0.5)
 
 
 def _user_error(err: Exception, what: str) -> Exception:

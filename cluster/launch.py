@@ -6,6 +6,14 @@ read the job file this writes to ``<run>/train_job.json`` (the resolved spec and
 
 On a machine without a GPU the ranks use DeepSpeed's CPU accelerator (``DS_ACCELERATOR=cpu``)
 over gloo, in fp32; with GPUs, NCCL and bf16.
+
+Several machines without Ray: ``posdistill train CONFIG --nnodes N --node-rank I
+--rdzv-endpoint HOST:PORT`` on each, the same command but for ``--node-rank``
+(:class:`Rendezvous`). Node 0 builds the packs and caches; the others wait for them to be
+done, then every node's torchrun joins node 0's rendezvous (``static``: fixed node ranks,
+HOST:PORT is node 0's master address; ``c10d``: a TCP store there, node ranks by arrival).
+Checkpoints and the export are written into one run directory by ranks on every node, so
+``run.out_dir`` must be a POSIX path all nodes share (NFS, Lustre, a PVC), not a bucket.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from cluster.head import free_port
@@ -53,24 +62,86 @@ def rank_env(workers: int) -> dict[str, str]:
     return env
 
 
-def local_command(runner: str, job_path: Path, workers: int, resume: bool) -> list[str]:
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where this node's torchrun meets the others' (one node: nothing to meet)."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    endpoint: str | None = None  # HOST:PORT of node 0
+    backend: str = "static"  # static | c10d
+
+    def __post_init__(self) -> None:
+        if self.nnodes < 1:
+            raise UserError(f"--nnodes {self.nnodes}: give 1 or more")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise UserError(f"--node-rank {self.node_rank}: must be in 0..{self.nnodes - 1} (--nnodes {self.nnodes})")
+        if self.backend not in ("static", "c10d"):
+            raise UserError(f"--rdzv-backend {self.backend}: not one of static, c10d")
+        if self.nnodes > 1 and not self.endpoint:
+            raise UserError(f"--rdzv-endpoint HOST:PORT is required with --nnodes {self.nnodes}: the address of "
+                            "node 0 (--node-rank 0) that every node can reach, and a free port there")
+        if self.endpoint is not None:
+            host, _, port = self.endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise UserError(f"--rdzv-endpoint {self.endpoint}: not HOST:PORT (e.g. 10.0.0.1:29500)")
+
+    @property
+    def multi(self) -> bool:
+        return self.nnodes > 1
+
+    @property
+    def follower(self) -> bool:
+        """Not node 0: uses the inputs node 0 builds, computes none."""
+        return self.node_rank > 0
+
+    def check(self, launcher: str, runner: str, out_dir: str | None = None) -> None:
+        """What a multi-node run needs of the config (the flags themselves are checked on creation)."""
+        if not self.multi:
+            return
+        if launcher == "ray":
+            raise UserError(f"--nnodes {self.nnodes}: train.launcher is 'ray', where Ray Train places the ranks "
+                            "on the cluster's nodes itself; drop --nnodes, or set train.launcher: local")
+        if runner != "torchrun":
+            raise UserError(f"--nnodes {self.nnodes} needs train.local_runner: torchrun (the deepspeed launcher "
+                            f"reaches other nodes over ssh with a hostfile), not '{runner}'")
+        from pipeline.storage import is_remote
+
+        if out_dir is not None and is_remote(out_dir):
+            raise UserError(f"--nnodes {self.nnodes}: run.out_dir {out_dir} is a bucket, but a multi-node run "
+                            "writes its checkpoint shards from every node's ranks into one directory that rank 0 "
+                            "then exports from: set run.out_dir to a POSIX path all nodes share (NFS, Lustre, a "
+                            "PVC); a bucket works with --nnodes 1 or train.launcher: ray")
+
+
+def local_command(runner: str, job_path: Path, workers: int, resume: bool,
+                  rdzv: Rendezvous = Rendezvous()) -> list[str]:
     args = [str(job_path)] + (["--resume"] if resume else [])
-    port = str(free_port())
     if runner == "deepspeed":
         exe = shutil.which("deepspeed")
         if exe is None:
             raise UserError("train.local_runner: the 'deepspeed' launcher is not on PATH")
-        return [exe, "--num_gpus", str(workers), "--master_port", port, "--module", "stages.train", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(workers),
-            "--master_addr", "127.0.0.1", "--master_port", port, "-m", "stages.train", *args]
+        return [exe, "--num_gpus", str(workers), "--master_port", str(free_port()), "--module", "stages.train", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(rdzv.nnodes),
+           "--nproc_per_node", str(workers), "--max_restarts", "0"]
+    if rdzv.backend == "c10d":
+        # Every node names the same run (its directory holds the spec's fingerprint).
+        cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", str(rdzv.endpoint),
+                "--rdzv_id", f"posdistill-{job_path.parent.name}"]
+    else:
+        host, _, port = (rdzv.endpoint or f"127.0.0.1:{free_port()}").rpartition(":")
+        cmd += ["--node_rank", str(rdzv.node_rank), "--master_addr", host, "--master_port", port]
+    return cmd + ["-m", "stages.train", *args]
 
 
 def run_training(spec: TrainSpec, inputs: dict[int, Path], run: Path, workers: int | None = None,
-                 address: str | None = None, resume: bool = False) -> Path:
+                 address: str | None = None, resume: bool = False, rdzv: Rendezvous = Rendezvous()) -> Path:
     """Check inputs, start the ranks, wait; returns the exported model. A run directory with
-    a complete checkpoint continues from it; ``resume`` insists on one."""
+    a complete checkpoint continues from it; ``resume`` insists on one. ``workers``: ranks on
+    this node (``rdzv.nnodes`` nodes of them in all)."""
     workers = workers or spec.train.workers or default_workers()
-    preflight(spec, inputs, workers)
+    rdzv.check(spec.train.launcher, spec.train.local_runner)
+    preflight(spec, inputs, workers * rdzv.nnodes)
     if resume and not complete_tags(run / "checkpoints"):
         raise UserError(f"--resume: no complete checkpoint under {run / 'checkpoints'}")
     check_jit_locks()
@@ -78,7 +149,7 @@ def run_training(spec: TrainSpec, inputs: dict[int, Path], run: Path, workers: i
     job = write_job(spec, inputs, run)
     if spec.train.launcher == "ray":
         return run_on_ray(job, spec, workers, address, resume)
-    cmd = local_command(spec.train.local_runner, job, workers, resume)
+    cmd = local_command(spec.train.local_runner, job, workers, resume, rdzv)
     code = run_ranks(cmd, {**rank_env(workers), RANK_ERROR_ENV: str(run / RANK_ERROR)}, run / RANK_ERROR)
     if code != 0:
         raise RuntimeError(f"training ranks failed (exit {code}): {' '.join(cmd)}")
@@ -183,7 +254,9 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
 
 def run_on_ray(job: Path, spec: TrainSpec, workers: int, address: str | None, resume: bool) -> Path:
     """Ray Train over the cluster at ``address`` (resolved by ``cluster.local.resolve_address``:
-    inside a submitted job its own cluster; None: an embedded Ray)."""
+    inside a submitted job its own cluster; None: an embedded Ray). CPU workers are spread
+    over the nodes (one per node while there are as many nodes: each gets a machine's cores);
+    GPU workers are packed (a node's GPUs share its fast links)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -200,7 +273,8 @@ def run_on_ray(job: Path, spec: TrainSpec, workers: int, address: str | None, re
             _ray_worker,
             train_loop_config={"job": str(job.resolve()), "resume": resume, "cpu": not gpu},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
-                                         resources_per_worker=None if gpu else {"CPU": 1}),
+                                         resources_per_worker=None if gpu else {"CPU": 1},
+                                         placement_strategy="PACK" if gpu else "SPREAD"),
             torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
             run_config=RunConfig(name=f"train-{run.name}", storage_path=str((run / "ray").resolve()),
                                  failure_config=FailureConfig(max_failures=0)),

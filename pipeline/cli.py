@@ -102,29 +102,41 @@ def cluster() -> None:
 @cluster.command("up")
 @click.option("--port", default=6379, show_default=True)
 @click.option("--dashboard-port", default=8265, show_default=True)
-@click.option("--num-cpus", type=int, default=None)
-@click.option("--num-gpus", type=int, default=None)
-def cluster_up(port: int, dashboard_port: int, num_cpus: int | None, num_gpus: int | None) -> None:
-    """Start a Ray head bound to loopback, token auth on."""
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Ray nodes on 127.0.0.1: the head plus NODES-1 worker nodes (node i has the custom "
+                   "resource posdistill_node_<i>: 1).")
+@click.option("--num-cpus", type=int, default=None, help="CPUs of each node (default: Ray's count).")
+@click.option("--num-gpus", type=int, default=None, help="GPUs of each node.")
+def cluster_up(port: int, dashboard_port: int, nodes: int, num_cpus: int | None, num_gpus: int | None) -> None:
+    """Start a Ray head bound to loopback, token auth on, and NODES-1 worker nodes beside it
+    (a head already up is kept; a worker node that is not running is started)."""
     from cluster.head import head_up
 
-    info = head_up(port, dashboard_port, num_cpus, num_gpus)
+    info = head_up(port, dashboard_port, num_cpus, num_gpus, nodes=nodes)
     click.echo(f"Ray head on {info.gcs_address}, dashboard {info.dashboard} (loopback only)")
+    for w in info.workers:
+        click.echo(f"worker node {w.index} on 127.0.0.1 (resource {w.resource}; temp dir {w.temp_dir})")
     click.echo(f"token authentication: on; token file {info.token_path}")
     click.echo(f"submit with: posdistill submit STAGE CONFIG --address {info.dashboard}")
     click.echo(f"other clients: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={info.token_path}")
 
 
 @cluster.command("down")
-def cluster_down() -> None:
-    """Stop the head started by `cluster up` (and nothing else)."""
-    from cluster.head import head_down
+@click.option("--node", type=click.IntRange(min=1), default=None,
+              help="Stop only worker node NODE (as a lost node looks to Ray); the head and the other nodes stay.")
+def cluster_down(node: int | None) -> None:
+    """Stop the nodes started by `cluster up` (and nothing else)."""
+    from cluster.head import head_down, worker_down
 
+    if node is not None:
+        click.echo(f"stopped worker node {node}: {worker_down(node)} processes")
+        return
     click.echo(f"stopped {head_down()} processes")
 
 
 @cluster.command("status")
 def cluster_status() -> None:
+    """The head and every worker node `cluster up` started, as JSON."""
     import json
 
     from cluster.head import head_status
@@ -382,19 +394,36 @@ def cache_info(cache_dir: str, as_json: bool) -> None:
 @config_arg
 @click.option("--address", default=None, help="Ray cluster for the cache shards and Ray Train "
               "(default: as for `posdistill cache`).")
-@click.option("--workers", type=int, default=None, help="Ranks to start (default: train.workers).")
+@click.option("--workers", type=int, default=None, help="Ranks to start on this machine (default: train.workers).")
 @click.option("--resume", is_flag=True, help="Fail unless every selected student still to train has a complete "
               "checkpoint (a plain run continues from one anyway).")
 @student_opt
-def train(config: str, address: str | None, workers: int | None, resume: bool, student: str | None) -> None:
+@click.option("--nnodes", type=int, default=1, show_default=True,
+              help="Machines of a torchrun run outside Ray: run the same command on each, with its --node-rank.")
+@click.option("--node-rank", type=int, default=0, show_default=True,
+              help="This machine's rank among --nnodes; node 0 builds the packs and caches, the others wait for them.")
+@click.option("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+              help="Node 0's address and a free port there, reachable from every node (needed with --nnodes > 1).")
+@click.option("--rdzv-backend", type=click.Choice(["static", "c10d"]), default="static", show_default=True,
+              help="static: fixed node ranks, HOST:PORT is node 0's master address; c10d: torchrun's "
+                   "TCP-store rendezvous at HOST:PORT.")
+def train(config: str, address: str | None, workers: int | None, resume: bool, student: str | None,
+          nnodes: int, node_rank: int, rdzv_endpoint: str | None, rdzv_backend: str) -> None:
     """Train every student (or --student) phase by phase with DeepSpeed, building the packs and
-    teacher caches it needs first. A run directory with a complete checkpoint continues from it."""
+    teacher caches it needs first. A run directory with a complete checkpoint continues from it.
+
+    --workers ranks on each of --nnodes machines; with --nnodes > 1, run.out_dir must be a
+    directory every machine shares (checkpoints are written from all of them)."""
+    from cluster.launch import Rendezvous
     from pipeline.fingerprint import fingerprint
     from pipeline.graph import build_graph, is_done
     from pipeline.storage import remote_for
     from stages.train.checkpoint import intact_tags
 
-    graph = build_graph(load_config(config), address=address, workers=workers)
+    rdzv = Rendezvous(nnodes=nnodes, node_rank=node_rank, endpoint=rdzv_endpoint, backend=rdzv_backend)
+    cfg = load_config(config)
+    rdzv.check(cfg.train.launcher, cfg.train.local_runner, cfg.run.out_dir)
+    graph = build_graph(cfg, address=address, workers=workers, rdzv=rdzv)
     nodes = graph.select("train", student=student)
     if resume:
         for n in nodes:

@@ -39,6 +39,7 @@ _WHY_NONE = {  # what a config needs for a stage to have nodes
     "analyze": " (analyze needs teacher.model and at least one student: train.phases or students:)",
 }
 STAGES = ("pack", "teacher", "cache", "train", "eval", "analyze", "report")
+FOLLOWER_WAIT_S = 6 * 3600.0  # how long a node other than node 0 waits for node 0's inputs
 
 
 @dataclass(eq=False)
@@ -102,6 +103,9 @@ class Graph:
     layout: Layout
     nodes: list[Node]  # topological order
     students: list[TrainSpec]
+    # Another node (multi-node training, node rank > 0) computes every node but train: wait
+    # until it has, and leave the train node's marker to it.
+    follower: bool = False
 
     def select(self, stage: str, student: str | None = None, phase: int | None = None) -> list[Node]:
         """The nodes of ``stage`` (filtered by student variant or label, and phase) and
@@ -143,6 +147,8 @@ class Graph:
                 if remote is not None:
                     remote.pull()
                 ident = fingerprint(node.identity())
+                if self.follower and node.stage != "train":
+                    self._await(node, out, ident, remote)
                 if is_done(node, out, ident):
                     node.out = out
                     log.note(node, out, reused=True)
@@ -160,12 +166,31 @@ class Graph:
                     if remote is not None and sys.exc_info()[0] is not None:
                         with suppress(Exception):  # keep what finished for the next run to resume from
                             remote.push(final=False)
+                if self.follower:  # node 0 marks it once every node's ranks are done
+                    node.out = out
+                    log.note(node, out, reused=False)
+                    continue
                 mark_done(node, out, ident)
                 if remote is not None:
                     remote.push(final=True)  # completion files last
                 node.out = out
                 log.note(node, out if remote is None else remote.uri, reused=False)
         return log
+
+    @staticmethod
+    def _await(node: Node, out: Path, ident: str, remote: Any, timeout: float = FOLLOWER_WAIT_S) -> None:
+        """Wait until node 0 has computed ``node``."""
+        deadline, said = time.monotonic() + timeout, False
+        while not is_done(node, out, ident):
+            if time.monotonic() > deadline:
+                raise UserError(f"--node-rank: waited {timeout:.0f} s for node 0 to compute {node.name} ({out}); "
+                                "is `posdistill train ... --node-rank 0` running?")
+            if not said:
+                print(f"{node.stage}: waiting for node 0 to compute {node.name}", flush=True)
+                said = True
+            time.sleep(2.0)
+            if remote is not None:
+                remote.pull()
 
 
 # ----------------------------------------------------------------------------- building
@@ -191,17 +216,21 @@ def _teacher_node(cfg: Config) -> tuple[Config, Node | None]:
 
 
 def build_graph(cfg: Config, address: str | None = None, workers: int | None = None,
-                force_cache: bool = False) -> Graph:
+                force_cache: bool = False, rdzv: Any = None) -> Graph:
     """Resolve ``cfg`` into its nodes. ``address``: the Ray cluster for cache shards (and Ray
-    Train); ``workers``: training ranks (default ``train.workers``)."""
+    Train); ``workers``: training ranks per node (default ``train.workers``); ``rdzv``: the
+    nodes of a multi-node torchrun run (``cluster.launch.Rendezvous``; default one node). On
+    a node other than node 0 the graph computes no input: it waits for node 0's."""
     from cluster.executor import make_cache_executor
-    from cluster.launch import run_training
+    from cluster.launch import Rendezvous, run_training
     from cluster.local import resolve_address
     from stages.cache.stage import check_inputs, run_cache
     from stages.cache.verify import verify_cache
     from stages.pack import run_pack
     from stages.train.plan import check_train, default_workers
 
+    rdzv = rdzv or Rendezvous()
+    world = lambda spec: (workers or spec.train.workers or default_workers()) * rdzv.nnodes  # noqa: E731
     cfg, teacher = _teacher_node(cfg)
     ray_address = resolve_address(address, cfg.cluster.address)
     lay = layout(cfg)
@@ -259,14 +288,15 @@ def build_graph(cfg: Config, address: str | None = None, workers: int | None = N
         run_dir = lay.run_dir(spec)
 
         def compute(out: Path, spec: TrainSpec = spec, inputs: dict[int, Node] = inputs) -> None:
-            run_training(spec, {i: n.out for i, n in inputs.items()}, out, workers=workers, address=ray_address)
+            run_training(spec, {i: n.out for i, n in inputs.items()}, out, workers=workers, address=ray_address,
+                         rdzv=rdzv)
 
         node = Node("train", f"train {spec.label}", locate=lambda d=run_dir: d, identity=spec.identity,
                     compute=compute, deps=deps, students={spec.variant, spec.label},
-                    check=lambda spec=spec: check_train(spec, workers or spec.train.workers or default_workers()))
+                    check=lambda spec=spec: check_train(spec, world(spec)))
         trained[spec.label] = node
         nodes.append(node)
-    graph = Graph(cfg, lay, nodes, students)
+    graph = Graph(cfg, lay, nodes, students, follower=rdzv.follower)
     if students and cfg.teacher.model:
         _add_eval_and_analyze(graph, list(trained.values()), teacher_deps)
     return graph
