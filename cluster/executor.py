@@ -184,8 +184,8 @@ class RayExecutor:
                         raise UserError(f"cache: shard {shard} failed {attempts[shard]} times (teacher actor died: "
                                         f"{str(err).splitlines()[0][:200]}); giving up (cache.max_retries="
                                         f"{self.max_retries})") from None
-                    print(f"cache: teacher actor {a} died on shard {shard}; retrying on a live actor "
-                          f"({attempts[shard]}/{self.max_retries})", flush=True)
+                    print(f"cache: teacher actor died on shard {shard}; retrying on a live actor "
+                          f"(actor {a}; {attempts[shard]}/{self.max_retries})", flush=True)
                     queue.appendleft(shard)
                     if a not in down:
                         down[a] = time.monotonic()
