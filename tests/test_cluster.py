@@ -12,9 +12,12 @@ import psutil
 import pytest
 import yaml
 
+from cluster.head import free_port
+
 pytestmark = pytest.mark.slow
 
-PORT, DASH = 6411, 8411
+# Free ports, not fixed ones: two suites on one machine (or a stale head) must not meet.
+PORT, DASH = free_port(), free_port()
 ADDRESS = f"http://127.0.0.1:{DASH}"
 
 
@@ -131,7 +134,7 @@ def test_failed_job_gets_new_attempt(head, tmp_path):
 
 def test_down_leaves_nothing(tmp_path):
     env = {"POSDISTILL_STATE_DIR": str(tmp_path)}
-    cli("cluster", "up", "--port", str(PORT + 1), "--dashboard-port", str(DASH + 1), "--num-cpus", "1", env=env)
+    cli("cluster", "up", "--port", str(free_port()), "--dashboard-port", str(free_port()), "--num-cpus", "1", env=env)
     status = json.loads(cli("cluster", "status", env=env).stdout)
     cli("cluster", "down", env=env)
     time.sleep(0.5)
