@@ -77,7 +77,7 @@ def _cache_config(tmp_path: Path, name: str) -> tuple[Path, Path]:
 
     teacher = make_tiny_llama(tmp_path / "teacher", seed=3)
     raw = {"run": {"name": name, "out_dir": str(tmp_path / "run")},
-           "data": {"synthetic": {"num_docs": 120}},
+           "data": {"synthetic": {"num_docs": 240}},
            "pack": {"window_len": 128, "doc_len": [16, 64]},
            "teacher": {"model": str(teacher), "num_actors": 2},
            "cache": {"k": 4, "windows_per_shard": 2, "windows_per_row_group": 1, "max_retries": 10}}
@@ -102,7 +102,9 @@ def test_cache_job_survives_a_lost_node(cluster2, tmp_path, kill):
     nodes = _alive_nodes(cluster2)
     cfg, cache = _cache_config(tmp_path, f"lost-{kill.split()[0]}")
     cache.mkdir(parents=True)
-    (cache / ".test-fault").write_text("sleep:0.5")  # tests/hooks/sitecustomize.py: slow row groups
+    # tests/hooks/sitecustomize.py: slow row groups, so that each actor has shards left when the
+    # node goes even on a loaded machine (~38 shards of ~2 s).
+    (cache / ".test-fault").write_text("sleep:1.0")
     job = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "submit", "cache", str(cfg),
                             "--address", cluster2["ADDRESS"], "--follow"], cwd=REPO, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **cluster2})
@@ -118,6 +120,7 @@ def test_cache_job_survives_a_lost_node(cluster2, tmp_path, kill):
         raylets = _raylet_of(worker)
         assert len(raylets) == 1
         raylets[0].kill()
+    assert job.poll() is None, "the job ended before the node went; the test did not test a loss"
     out = job.communicate(timeout=600)[0]
     assert job.returncode == 0 and out.rstrip().endswith("SUCCEEDED"), out[-4000:]
     placed = re.search(r"cache: 2 teacher actor\(s\) on 2 node\(s\): (\S+) x1, (\S+) x1", out)
