@@ -163,11 +163,13 @@ def train_specs(cfg: Config) -> list[TrainSpec]:
     out: list[TrainSpec] = []
     by_variant: dict[str, list[TrainSpec]] = {}
     for v in cfg.students:
-        for seed in v.seeds or [cfg.train_seed]:
+        for k, seed in enumerate(v.seeds or [cfg.train_seed]):
             parent = None
             if v.init_from:
+                # The parent of the same seed, else round-robin over the parents' seeds: with
+                # two bases, extension seeds split evenly between them.
                 parents = by_variant[v.init_from]
-                parent = next((p for p in parents if p.seed == seed), parents[0])
+                parent = next((p for p in parents if p.seed == seed), parents[k % len(parents)])
             s = _train_spec(cfg, v, seed, parent, lay)
             by_variant.setdefault(v.name, []).append(s)
             out.append(s)
