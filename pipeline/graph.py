@@ -339,12 +339,13 @@ def _add_eval_and_analyze(graph: Graph, trained: list[Node], teacher_deps: list[
                            locate=lambda: hpath, identity=hspec.identity, compute=lambda out: run_pack(hspec, out))
             nodes.append(heldout)
     field_of = lambda n: "teacher.model" if n == "teacher" else n  # noqa: E731 - how errors name a model
-    ident = _memo(lambda: {"eval": ev.identity(),
+    seeds = {s.label: s.seed for s in graph.students}  # fresh probes per training seed
+    ident = _memo(lambda: {"eval": ev.identity(), "probe_seeds": seeds,
                            "models": {n: content_identity(p, field_of(n)) for n, p in models.items()}})
     nodes.append(Node("eval", "eval", locate=lambda: cfg.out_dir / "eval" / fingerprint(ident(), length=12),
                       identity=ident, deps=model_deps + ([heldout] if heldout else []),
                       compute=lambda out: run_eval(ev, models, out, heldout_dir=heldout.out if heldout else None,
-                                                   verbose=False)))
+                                                   verbose=False, seeds=seeds)))
 
     an = analyze_spec(cfg)
     first_seed: dict[str, TrainSpec] = {}

@@ -194,3 +194,25 @@ def test_bad_model_dir_is_user_error(tmp_path):
     finally:
         sys.argv = argv
     assert e.value.code == 2
+
+
+def test_fresh_probes_per_training_seed(tok, tmp_path):
+    """Seed 0 keeps the held-out seed's probes; another seed gets different ones, the same
+    each time; eval.json records which probes each model saw."""
+    from stages.evaluate.run import ProbeSet, probe_seed
+
+    spec = eval_spec(make_cfg(tmp_path, loss_windows=0))
+    ps = ProbeSet(spec)
+    s0, s1 = ps.get(tok, 0), ps.get(tok, 1)
+    hay = Haystack(spec.data, tok, spec.pack.doc_len, spec.heldout_seed,
+                   max(spec.eval.lengths) * max(spec.eval.trials, 4))
+    ref = build_probes("needle", tok, spec.eval.lengths, spec.eval.depths, spec.eval.trials, spec.heldout_seed,
+                       haystack=hay)
+    assert [p.context for p in s0["needle"]] == [p.context for p in ref]
+    for task in spec.eval.tasks:
+        assert [p.answer for p in s0[task]] != [p.answer for p in s1[task]]
+        assert [p.context for p in ProbeSet(spec).get(tok, 1)[task]] == [p.context for p in s1[task]]
+    out = run_eval(spec, [LoadedModel("a", InductionLM(), tok), LoadedModel("b", InductionLM(), tok)],
+                   out=tmp_path / "ev", verbose=False, seeds={"b": 2})
+    rep = {m["name"]: m for m in json.loads((out / "eval.json").read_text())["models"]}
+    assert rep["a"]["probe_seed"] == spec.heldout_seed and rep["b"]["probe_seed"] == probe_seed(spec.heldout_seed, 2)

@@ -41,23 +41,38 @@ def _tokenizer_key(tok: Any) -> tuple:
     return (len(tok), tuple(encode(tok, "The pass key: 01234. abcxyz")), tok.bos_token_id)
 
 
+PROBE_SEED_STRIDE = 1000
+
+
+def probe_seed(heldout_seed: int, model_seed: int) -> int:
+    """The probes a model of training seed ``model_seed`` is scored on. Seed 0 (and the
+    teacher) keep the held-out seed's probes; every other seed gets fresh ones, so that a
+    variant's seeds sample probes as well as training runs, while students of the same seed
+    across variants stay paired on the same probes."""
+    return heldout_seed + PROBE_SEED_STRIDE * model_seed
+
+
 class ProbeSet:
-    """Probes per tokenizer, built once and shared by every model that uses that tokenizer."""
+    """Probes per (tokenizer, probe seed), built once and shared by every model that uses them;
+    the haystack (a pool of held-out documents) is read once per tokenizer."""
 
     def __init__(self, spec: EvalSpec):
         self.spec = spec
         self._cache: dict[tuple, dict[str, list[Probe]]] = {}
+        self._hay: dict[tuple, Haystack | None] = {}
 
-    def get(self, tok: Any) -> dict[str, list[Probe]]:
-        key = _tokenizer_key(tok)
+    def get(self, tok: Any, model_seed: int = 0) -> dict[str, list[Probe]]:
+        tkey = _tokenizer_key(tok)
+        key = (tkey, model_seed)
         if key not in self._cache:
-            ev, seed, data = self.spec.eval, self.spec.heldout_seed, self.spec.data
-            hay = None
-            if "needle" in ev.tasks:
+            ev, data = self.spec.eval, self.spec.data
+            if tkey not in self._hay:
                 need = max(ev.lengths) * max(ev.trials, 4)
-                hay = Haystack(data, tok, self.spec.pack.doc_len, seed, need)
+                self._hay[tkey] = (Haystack(data, tok, self.spec.pack.doc_len, self.spec.heldout_seed, need)
+                                   if "needle" in ev.tasks else None)
+            seed = probe_seed(self.spec.heldout_seed, model_seed)
             self._cache[key] = {
-                t: build_probes(t, tok, ev.lengths, ev.depths, ev.trials, seed, haystack=hay,
+                t: build_probes(t, tok, ev.lengths, ev.depths, ev.trials, seed, haystack=self._hay[tkey],
                                 alphabet=data.synthetic.alphabet)
                 for t in ev.tasks}
         return self._cache[key]
@@ -86,10 +101,12 @@ def evaluate_model(spec: EvalSpec, lm: LoadedModel, probes: dict[str, list[Probe
 
 
 def run_eval(spec: EvalSpec, models: dict[str, str] | list[str | LoadedModel], out: str | Path,
-             heldout_dir: str | Path | None = None, verbose: bool = True) -> Path:
-    """Evaluate every model (name -> directory, or directories) on the same probes and on the
-    first ``eval.loss_windows`` held-out windows of ``heldout_dir``; write the report to
-    ``out`` all at once. Returns the output directory."""
+             heldout_dir: str | Path | None = None, verbose: bool = True,
+             seeds: dict[str, int] | None = None) -> Path:
+    """Evaluate every model (name -> directory, or directories) on the probes of its training
+    seed (``seeds``: name -> seed; absent = 0, see ``probe_seed``) and on the first
+    ``eval.loss_windows`` held-out windows of ``heldout_dir``; write the report to ``out`` all
+    at once. Returns the output directory."""
     from stages.windows import PackedWindows
 
     if not models:
@@ -116,7 +133,10 @@ def run_eval(spec: EvalSpec, models: dict[str, str] | list[str | LoadedModel], o
             rows = None  # held-out windows are in data.tokenizer's ids, not this model's
             if verbose:
                 print(f"eval: {lm.name}: its tokenizer differs from data.tokenizer; loss by position skipped")
-        results.append(evaluate_model(spec, lm, probe_sets.get(lm.tokenizer), rows, verbose))
+        seed = (seeds or {}).get(name, 0)
+        result = evaluate_model(spec, lm, probe_sets.get(lm.tokenizer, seed), rows, verbose)
+        result["probe_seed"] = probe_seed(spec.heldout_seed, seed)
+        results.append(result)
         if not isinstance(m, LoadedModel):
             del lm
             if torch.cuda.is_available():
