@@ -112,3 +112,88 @@ def holm(comps: list[Comparison], alpha: float = ALPHA) -> None:
             c.verdict = "not reproduced (reversed)"
         else:
             c.verdict = "inconclusive"
+
+
+# ----------------------------------------------------------------------------- arms
+
+ARMS = {
+    "kd_raised": "(a) KD, θ raised phase-wise",
+    "ce_raised": "(b) CE, θ raised",
+    "kd_kept": "(c) KD, θ kept short",
+    "kd_large": "(d) KD, a large θ throughout",
+    "kd_scaled": "(e) KD, PI/YaRN scaling",
+    "control": "control: short window only",
+}
+
+
+def root_of(s: Any, by_label: dict[str, Any]) -> Any:
+    """The pretrained-short base an extension descends from (``init_from`` followed up)."""
+    while s.init_from is not None and s.init_from in by_label:
+        s = by_label[s.init_from]
+    return s
+
+
+def arms(students: list[Any]) -> dict[str, str]:
+    """label -> arm of every extension, read off its spec rather than its name:
+
+    control    no phase longer than its base's window (the same steps, no long window);
+    kd_scaled  a RoPE scaling type (linear = PI, yarn, ...) in its last phase;
+    *_raised   its last phase's θ differs from its base's;
+    kd_large   θ kept, from a base pretrained with a larger θ than the smallest base's;
+    kd_kept    θ kept at the short value.
+    KD means kd.alpha > 0 in the last phase; a CE arm other than ce_raised is left out."""
+    by_label = {s.label: s for s in students}
+    bases = [s for s in students if s.init_from is None]
+    if not bases:
+        return {}
+    short_theta = min(float(b.phases[-1].rope.theta) for b in bases if not isinstance(b.phases[-1].rope.theta, str))
+    out = {}
+    for s in students:
+        if s.init_from is None:
+            continue
+        base = root_of(s, by_label)
+        last, kd = s.phases[-1], s.phases[-1].kd.alpha > 0
+        base_theta = base.phases[-1].rope.theta
+        if max(p.window_len for p in s.phases) <= max(p.window_len for p in base.phases):
+            arm = "control"
+        elif last.rope.type != "default":
+            arm = "kd_scaled" if kd else None
+        elif last.rope.theta != base_theta:
+            arm = "kd_raised" if kd else "ce_raised"
+        elif not isinstance(base_theta, str) and float(base_theta) > short_theta:
+            arm = "kd_large" if kd else None
+        else:
+            arm = "kd_kept" if kd else None
+        if arm:
+            out[s.label] = arm
+    return out
+
+
+# The retrieval tests of finding 1 (and the extension's gain): (title, arm a, arm b); the
+# paper's direction is a > b in each.
+FINDING1 = [
+    ("KD extension vs. its short-pretrained base", "kd_raised", "base"),
+    ("KD vs. CE, same windows and θ (a − b)", "kd_raised", "ce_raised"),
+    ("phase-wise θ vs. θ kept short (a − c)", "kd_raised", "kd_kept"),
+    ("phase-wise θ vs. a large θ throughout (a − d)", "kd_raised", "kd_large"),
+    ("phase-wise θ vs. PI/YaRN scaling (a − e)", "kd_raised", "kd_scaled"),
+]
+
+
+def beyond(rows: list[dict[str, float]], longest_window: int, metric: str) -> float:
+    """Mean of ``metric`` over probes longer than every training window (length extrapolation)."""
+    xs = [r[metric] for r in rows if r["length"] > longest_window]
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+def seed_interval(values: list[float]) -> tuple[float, float, float]:
+    """(mean, lo, hi): a percentile bootstrap over seeds of a per-student number (one value:
+    no interval)."""
+    v = np.asarray([x for x in values if not math.isnan(x)], dtype=float)
+    if not len(v):
+        return (float("nan"),) * 3
+    if len(v) == 1:
+        return float(v[0]), float("nan"), float("nan")
+    rng = np.random.default_rng(0)
+    boot = v[rng.integers(0, len(v), (BOOTSTRAP, len(v)))].mean(1)
+    return float(v.mean()), float(np.quantile(boot, ALPHA / 2)), float(np.quantile(boot, 1 - ALPHA / 2))

@@ -36,76 +36,159 @@ def _fmt(x: float, nd: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
-def _findings(cfg: Config, students: list[TrainSpec], results: dict[str, dict]) -> list[str]:
-    from pipeline.findings import BOOTSTRAP, by_distance, compare, distance_edges, holm, probe_rows
+def _loss_of(entry: dict[str, Any]) -> float:
+    lb = entry.get("loss_by_position") or {}
+    return float(lb["mean_loss"]) if "mean_loss" in lb else float("nan")
+
+
+def _interval(c: Any) -> str:
+    return f"[{c.lo:+.3f}, {c.hi:+.3f}] ({100 * (1 - c.level):.1f}%)" if not math.isnan(c.lo) else "n/a"
+
+
+def _finding_verdict(comps: list[Any]) -> str:
+    """A finding reproduces when every one of its primary tests does; it is not reproduced
+    when any is reversed; otherwise it is inconclusive (or not measured)."""
+    measured = [c for c in comps if len(c.boot)]
+    if not measured:
+        return "not measured"
+    if any(c.verdict.startswith("not reproduced") for c in measured):
+        return "not reproduced"
+    if len(measured) == len(comps) and all(c.verdict == "reproduced" for c in measured):
+        return "reproduced"
+    return "inconclusive"
+
+
+def _findings(cfg: Config, students: list[TrainSpec], results: dict[str, dict],
+              analyses: dict[str, Any] | None = None) -> list[str]:
+    from pipeline import findings as F
 
     base = [s for s in students if s.init_from is None]
     ext = [s for s in students if s.init_from is not None]
     if not base or not ext:
         return ["The run has no pretrained-short student with extensions, so the paper's comparisons do not apply."]
     short = max(p.window_len for p in base[0].phases)
+    longest_window = max(p.window_len for s in students for p in s.phases)
     longest_doc = max([cfg.pack.doc_len[1]] + [p.pack.pack.doc_len[1] for s in students for p in s.phases])
     long_from = max(short, longest_doc)
-    base_theta = _theta(base[0])
-    groups: dict[str, list[Any]] = {"base": base}
+    arm_of = F.arms(students)
+    groups: dict[str, list[TrainSpec]] = {"base": base}
     for s in ext:
-        kd = _alpha(s) > 0
-        raised = _theta(s) != base_theta
-        role = {(True, True): "kd_raised", (False, True): "ce_raised", (True, False): "kd_kept"}.get((kd, raised))
-        if role:
-            groups.setdefault(role, []).append(s)
+        if s.label in arm_of:
+            groups.setdefault(arm_of[s.label], []).append(s)
     tasks = [t for t in ("needle", "passkey") if t in cfg.eval.tasks]
-    if not any(probe_rows(e, t) for e in results.values() for t in tasks):
+    if not any(F.probe_rows(e, t) for e in results.values() for t in tasks):
         return ["eval.json has no per-probe scores (written by an older version); re-run `posdistill eval CONFIG`."]
     max_len = max(cfg.eval.lengths)
-    edges = distance_edges(short, longest_doc, max_len)
+    edges = F.distance_edges(short, longest_doc, max_len)
     names = [f"{lo}–{hi - 1}" for lo, hi in zip(edges[:-2], edges[1:-1])] + [f"{edges[-2]}–{edges[-1]}"]
+    variants = list(dict.fromkeys(s.variant for s in base + ext))
+    arm_name = {s.variant: F.ARMS[arm_of[s.label]] for s in ext if s.label in arm_of}
+    chance = {"needle": 1 / len(cfg.data.synthetic.alphabet), "passkey": 0.1}
     lines = [f"Scored by **needle distance** (tokens from the fact to the end of the context): a claim about long "
              f"context holds only at distances no training window showed — at least {long_from} tokens (the "
              f"short pretraining window is {short}, the longest training document {longest_doc}). Intervals: "
-             f"two-level bootstrap over students and probes ({BOOTSTRAP} resamples), Holm-corrected across every "
-             "comparison below; **reproduced** = the interval excludes zero in the claimed direction, "
-             "**not reproduced** = it excludes zero the other way, otherwise **inconclusive**.", ""]
-    comps = []
+             f"two-level bootstrap over students and probes ({F.BOOTSTRAP} resamples; each training seed has "
+             "its own probes), Holm-corrected across every test of this section; **reproduced** = the interval "
+             "excludes zero in the paper's direction, **not reproduced** = it excludes zero the other way, "
+             "otherwise **inconclusive**.", "",
+             "Arms, read off each student's spec: " + "; ".join(f"`{v}` {a}" for v, a in arm_name.items()) + ".", ""]
+
+    # The base inside its own window: what an extension could transfer.
+    step = max(short // 4, 1)
+    sedges = list(range(0, short + 1, step))
+    snames = [f"{lo}–{hi - 1}" for lo, hi in zip(sedges, sedges[1:])]
+    lines += [f"**The bases inside their short window** (probes of length {short} only; chance: needle "
+              f"{chance['needle']:.3f}, passkey 0.1 per token)", "",
+              "| model | task | metric | " + " | ".join(snames) + " |", "|---|---|---|" + "---|" * len(snames)]
     for task in tasks:
-        rows_of = {s.label: probe_rows(results[s.label], task) for s in students if s.label in results}
-        per_variant: dict[str, list] = {"teacher": [probe_rows(results["teacher"], task)] if "teacher" in results else []}
-        for s in base + ext:
-            per_variant.setdefault(s.variant, [])
-            if s.label in rows_of:
-                per_variant[s.variant].append(rows_of[s.label])
-        for metric, what in (("exact", "exact match"), ("token_acc", f"token accuracy (chance {1 / len(cfg.data.synthetic.alphabet) if task == 'needle' else 0.1:.3f})")):
+        for label in ["teacher"] + [s.label for s in base]:
+            if label not in results:
+                continue
+            rows = [r for r in F.probe_rows(results[label], task) if r["length"] == short]
+            for metric in ("exact", "token_acc"):
+                cells = F.by_distance(rows, sedges, metric)
+                lines.append(f"| {label} | {task} | {metric.replace('_', ' ')} | " +
+                             " | ".join(_fmt(c, 2) for c in cells) + " |")
+    lines.append("")
+
+    comps: list[tuple[str, str, Any]] = []  # (finding, task, comparison)
+    for task in tasks:
+        rows_of = {s.label: F.probe_rows(results[s.label], task) for s in students if s.label in results}
+        per_variant: dict[str, list] = {"teacher": [F.probe_rows(results["teacher"], task)] if "teacher" in results else []}
+        for v in variants:
+            per_variant[v] = [rows_of[s.label] for s in base + ext if s.variant == v and s.label in rows_of]
+        for metric, what in (("exact", "exact match"), ("token_acc", f"token accuracy (chance {chance[task]:.3f})")):
             lines += [f"**{task}**: {what} by distance (mean over a variant's students)", "",
-                      "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+                      "| model | " + " | ".join(names) + f" | lengths > {longest_window} |",
+                      "|---|" + "---|" * (len(names) + 1)]
             for name, per_student in per_variant.items():
                 if per_student:
-                    cells = np.mean([by_distance(r, edges, metric) for r in per_student], axis=0)
-                    lines.append(f"| {name} ({len(per_student)}) | " + " | ".join(_fmt(float(c), 2) for c in cells) + " |")
+                    cells = np.mean([F.by_distance(r, edges, metric) for r in per_student], axis=0)
+                    far = np.mean([F.beyond(r, longest_window, metric) for r in per_student])
+                    lines.append(f"| {name} ({len(per_student)}) | " + " | ".join(_fmt(float(c), 2) for c in cells)
+                                 + f" | {_fmt(float(far), 2)} |")
             lines.append("")
-        checks = [
-            ("KD extension vs. the short-pretrained base (KD, θ raised − base)", "kd_raised", "base"),
-            ("KD vs. CE on the same windows (both θ raised)", "kd_raised", "ce_raised"),
-            ("θ raised for the long phase vs. kept short (both KD)", "kd_raised", "kd_kept"),
-        ]
-        for title, a, b in checks:
-            for metric in ("exact", "token_acc"):
+        for title, a, b in F.FINDING1:
+            for metric in ("token_acc", "exact"):
                 ra = [rows_of[s.label] for s in groups.get(a, []) if s.label in rows_of]
                 rb = [rows_of[s.label] for s in groups.get(b, []) if s.label in rows_of]
-                comps.append((task, compare(title, metric, ra, rb, long_from)))
-    holm([c for _, c in comps])
-    lines += [f"| task | comparison | metric | difference at distance ≥ {long_from} | Holm-adjusted interval | "
-              "students × probes | verdict |", "|---|---|---|---|---|---|---|"]
-    for task, c in comps:
-        interval = (f"[{c.lo:+.3f}, {c.hi:+.3f}] ({100 * (1 - c.level):.1f}%)" if not math.isnan(c.lo) else "n/a")
-        lines.append(f"| {task} | {c.title} | {c.metric.replace('_', ' ')} | {_fmt(c.diff)} | {interval} | "
-                     f"{c.n_a[0]}×{c.n_a[1]} vs {c.n_b[0]}×{c.n_b[1]} | **{c.verdict}** |")
-    lines += ["", "What these comparisons are, in the paper's terms: the θ comparison is a partial test of the "
-              "paper's finding 1 (phase-wise RoPE scaling is best under distillation) — this run has no arm with a "
-              "large θ throughout and no θ sweep. The paper's findings 2 (positional perturbations propagate "
-              "through the layers to the logits) and 3 (structured query-state updates in distinct spans) are "
-              "**not tested** here: the sections below show the perturbation curves and weight updates without a "
-              "statistic.", ""]
+                if ra and rb:
+                    comps.append(("1" if b != "base" else "extension", task, F.compare(title, metric, ra, rb, long_from)))
+
+    lines += ["**Held-out loss** (mean over the held-out packed windows; mean over seeds, 95% bootstrap "
+              "interval over seeds)", "", "| model | seeds | mean loss |", "|---|---|---|"]
+    for v in ["teacher"] + variants:
+        vals = [_loss_of(results[lbl]) for lbl in ([v] if v == "teacher" else
+                                                    [s.label for s in students if s.variant == v]) if lbl in results]
+        m, lo, hi = F.seed_interval(vals)
+        lines.append(f"| {v} | {len(vals)} | {_fmt(m)}" + (f" [{lo:.3f}, {hi:.3f}]" if not math.isnan(lo) else "") + " |")
+    lines.append("")
+
+    for finding, extra in _analysis_comparisons(students, arm_of, analyses or {}):
+        comps += [(finding, "", c) for c in extra[1]]
+        lines += extra[0]
+    F.holm([c for _, _, c in comps])
+    lines += [f"| finding | task | comparison | metric | difference | Holm-adjusted interval | "
+              "students × units | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for finding, task, c in comps:
+        lines.append(f"| {finding} | {task or '-'} | {c.title} | {c.metric.replace('_', ' ')} | {_fmt(c.diff)} | "
+                     f"{_interval(c)} | {c.n_a[0]}×{c.n_a[1]} vs {c.n_b[0]}×{c.n_b[1]} | **{c.verdict}** |")
+    lines.append("")
+
+    primary = {"1": [c for f, t, c in comps if f == "1" and t == "needle" and c.metric == "token_acc"],
+               "2": [c for f, _, c in comps if f == "2"], "3": [c for f, _, c in comps if f == "3"]}
+    claims = {
+        "1": "phase-wise RoPE scaling (a θ that uses the rotational spectrum at each stage) is best under "
+             f"distillation — tested as arm (a) against (b), (c), (d) and (e) on needle token accuracy at distances "
+             f"≥ {long_from}",
+        "2": "positional perturbations of queries/keys propagate through the layers to the output logits, so KD "
+             "carries positional information — tested as KD students' positional-sensitivity profile being "
+             "closer to the teacher's than CE students'",
+        "3": "the query states move in structured spans during extension — tested as the pairs whose wavelength "
+             "exceeds the short window moving more than the rest, relative to a control trained at the short "
+             "window only",
+    }
+    lines += ["**The paper's three findings, in its terms** (primary tests; every test above is in the Holm family)", ""]
+    for k, claim in claims.items():
+        cs = primary[k]
+        detail = "; ".join(f"{c.title}: {_fmt(c.diff)} {_interval(c)} {c.verdict}" for c in cs) or "no test ran"
+        lines.append(f"- **Finding {k}** — {claim}: **{_finding_verdict(cs)}** ({detail}).")
+    lines.append("")
     return lines
+
+
+def _analysis_comparisons(students: list[TrainSpec], arm_of: dict[str, str],
+                          analyses: dict[str, Any]) -> list[tuple[str, tuple[list[str], list[Any]]]]:
+    """Findings 2 and 3: their tables and comparisons, from the analysis outputs."""
+    return []
+
+
+def _student_arch(cfg: Config) -> str:
+    c = cfg.student.config.model_dump() if cfg.student is not None and cfg.student.config else {}
+    if not c:
+        return str(cfg.student.init) if cfg.student is not None and cfg.student.init else "?"
+    return (f"{c.get('num_hidden_layers', '?')} layers × {c.get('hidden_size', '?')}, "
+            f"{c.get('num_attention_heads', '?')} heads × {c.get('head_dim', '?')}")
 
 
 def _copy(src: Path, dst_dir: Path, name: str) -> Path | None:
@@ -119,7 +202,7 @@ def _copy(src: Path, dst_dir: Path, name: str) -> Path | None:
 def write_report(graph: Any, models: dict[str, str], eval_dir: Path, analyses: dict[str, Any],
                  summary: dict[str, Any]) -> Path:
     from stages.cache.info import cache_summary
-    from stages.evaluate.report import safe_name
+    from stages.evaluate.report import safe_name, save_variant_heatmaps, save_variant_loss
     from stages.train.metrics import read_metrics
 
     cfg, students = graph.cfg, graph.students
@@ -153,18 +236,29 @@ def write_report(graph: Any, models: dict[str, str], eval_dir: Path, analyses: d
                   f"with copy distances ≤ {meta.get('max_trained_copy_distance', '?')}; RoPE {meta.get('rope_parameters')}.", ""]
     lines += ["## Retrieval (needle and passkey)", "",
               (eval_dir / "eval.md").read_text().strip(), ""]
-    for name in models:
-        png = _copy(eval_dir / f"heatmap-{safe_name(name)}.png", fig, f"heatmap-{safe_name(name)}.png")
-        if png:
-            lines.append(f"![{name}]({_rel(png, out)})")
+    by_variant: dict[str, list[dict[str, Any]]] = {"teacher": [results["teacher"]] if "teacher" in results else []}
+    for s in students:
+        if s.label in results:
+            by_variant.setdefault(s.variant, []).append(results[s.label])
+    fig.mkdir(parents=True, exist_ok=True)
+    teacher_name = Path(models["teacher"]).name
+    if save_variant_heatmaps(by_variant, fig / "heatmaps.png",
+                             f"{cfg.run.name}: exact match by depth × length, mean over seeds "
+                             f"(teacher {teacher_name}; students {_student_arch(cfg)})"):
+        lines += [f"![every variant's heatmap]({_rel(fig / 'heatmaps.png', out)})", ""]
+    lines.append("Per model: " + ", ".join(
+        f"[{name}]({_rel(png, out)})" for name in models
+        if (png := _copy(eval_dir / f"heatmap-{safe_name(name)}.png", fig, f"heatmap-{safe_name(name)}.png"))))
     lines.append("")
 
     lines += ["## Loss by position", ""]
-    png = _copy(eval_dir / "loss_by_position.png", fig, "loss_by_position.png")
-    lines += [f"![loss by position]({_rel(png, out)})" if png else "(not measured)", ""]
+    ok = save_variant_loss(by_variant, fig / "loss_by_position.png",
+                           f"{cfg.run.name}: loss by position on held-out packed windows, mean over seeds "
+                           f"(teacher {teacher_name}; students {_student_arch(cfg)})")
+    lines += [f"![loss by position]({_rel(fig / 'loss_by_position.png', out)})" if ok else "(not measured)", ""]
 
     lines += ["## The paper's findings at this scale", ""]
-    lines += _findings(cfg, students, results)
+    lines += _findings(cfg, students, results, analyses)
     lines.append("")
 
     lines += ["## Positional perturbation", "",

@@ -1,5 +1,7 @@
 """The report's statistics: scored by distance, bootstrap over students and probes, Holm."""
 
+from pathlib import Path
+
 import numpy as np
 
 from pipeline.findings import by_distance, compare, distance_edges, holm
@@ -72,3 +74,26 @@ def test_missing_variant_is_not_measured():
 def test_distance_buckets():
     assert distance_edges(256, 128, 1024) == [0, 128, 256, 512, 1024]
     assert distance_edges(256, 512, 2048) == [0, 256, 512, 1024, 2048]
+
+
+def test_arms_are_read_off_the_specs_not_the_names(tmp_path):
+    """configs/study.yaml's six arms, recognised from phases and θ; renaming changes nothing."""
+    import yaml
+
+    from pipeline.config import parse_config
+    from pipeline.findings import arms
+    from pipeline.resolve import train_specs
+
+    raw = yaml.safe_load((Path(__file__).parent.parent / "configs" / "study.yaml").read_text())
+    raw["run"]["out_dir"] = str(tmp_path)
+    got = arms(train_specs(parse_config(raw)))
+    want = {"kd-theta": "kd_raised", "ce-theta": "ce_raised", "kd-keep": "kd_kept", "kd-large": "kd_large",
+            "kd-yarn": "kd_scaled", "control": "control"}
+    assert {label.rsplit("-s", 1)[0]: a for label, a in got.items()} == want
+    assert len(got) == 6 * 4  # every seed
+    for v in raw["students"]:
+        v["name"] = "x" + v["name"][::-1]
+        if v.get("init_from"):
+            v["init_from"] = "x" + v["init_from"][::-1]
+    renamed = arms(train_specs(parse_config(raw)))
+    assert sorted(renamed.values()) == sorted(got.values())

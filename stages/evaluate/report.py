@@ -127,3 +127,64 @@ def markdown_table(results: list[dict[str, Any]], threshold: float) -> str:
             rk = np.nanmean(np.asarray(g["rank"], dtype=float), axis=0)
             lines.append(f"| {r['name']} | " + " | ".join(f"{e:.2f} ({k:.1f})" for e, k in zip(ex, rk)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def save_variant_heatmaps(groups: dict[str, list[dict[str, Any]]], path: Path, title: str) -> bool:
+    """One figure: a row per variant (its seeds' exact match averaged), a column per task."""
+    groups = {v: rs for v, rs in groups.items() if rs and any(r["tasks"] for r in rs)}
+    if not groups:
+        return False
+    tasks = list(dict.fromkeys(t for rs in groups.values() for r in rs for t in r["tasks"]))
+    plt = pyplot()
+    fig, axes = plt.subplots(len(groups), len(tasks), figsize=(1.2 + 3.6 * len(tasks), 0.6 + 2.3 * len(groups)),
+                             squeeze=False)
+    im = None
+    for row, (variant, rs) in zip(axes, groups.items()):
+        for ax, task in zip(row, tasks):
+            grids = [np.asarray(r["tasks"][task]["exact"], dtype=float) for r in rs if task in r["tasks"]]
+            g = next(r["tasks"][task] for r in rs if task in r["tasks"])
+            data = np.mean(grids, axis=0)
+            im = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+            ax.set_xticks(range(len(g["lengths"])), [str(L) for L in g["lengths"]], fontsize=7)
+            ax.set_yticks(range(len(g["depths"])), [f"{d:g}" for d in g["depths"]], fontsize=7)
+            for i in range(data.shape[0]):
+                for j in range(data.shape[1]):
+                    ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if data[i, j] < 0.5 else "black")
+            ax.set_title(f"{variant} ({len(grids)} seed{'s' if len(grids) > 1 else ''}): {task}", fontsize=8)
+            ax.set_xlabel("context length", fontsize=7)
+            ax.set_ylabel("needle depth", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.93, 0.98))
+    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.02, label="exact match")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def save_variant_loss(groups: dict[str, list[dict[str, Any]]], path: Path, title: str) -> bool:
+    """Loss by position per variant: the mean over its seeds, and a band from their min to max."""
+    curves = {v: [r["loss_by_position"] for r in rs if r.get("loss_by_position")] for v, rs in groups.items()}
+    curves = {v: c for v, c in curves.items() if c}
+    if not curves:
+        return False
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    for k, (variant, lbs) in enumerate(curves.items()):
+        edges = np.asarray(lbs[0]["bucket_edges"], dtype=float)
+        centers = (edges[:-1] + edges[1:]) / 2
+        ys = np.asarray([lb["loss"] for lb in lbs], dtype=float)
+        color, ls = OKABE_ITO[k % len(OKABE_ITO)], ("-", "--", ":")[k // len(OKABE_ITO) % 3]
+        ax.plot(centers, ys.mean(0), color=color, linestyle=ls, marker="o", markersize=3,
+                label=f"{variant} ({len(lbs)})")
+        if len(lbs) > 1:
+            ax.fill_between(centers, ys.min(0), ys.max(0), color=color, alpha=0.18, linewidth=0)
+    ax.set_xlabel("target position in the window")
+    ax.set_ylabel("next-token loss (nats)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, title="variant (seeds); band: min–max over seeds", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
