@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from pipeline.errors import UserError
 
@@ -59,6 +59,18 @@ class SyntheticConfig(Strict):
     copy_fraction: float = Field(0.5, ge=0.0, le=1.0)
     # Length of the repeated segment in copy documents, as a fraction range of the doc length.
     segment_len: Range = (4, 64)
+    # Share of documents in the eval's retrieval formats (a needle or a pass key amid a
+    # haystack, asked for again at the document's end): a pretraining that teaches retrieval
+    # at every distance inside the window, as a pretrained LM has seen. stages/corpus.py.
+    retrieval_fraction: float = Field(0.0, ge=0.0, le=1.0)
+
+    @model_serializer(mode="wrap")
+    def _identity(self, handler: Any) -> dict[str, Any]:
+        # Left out at its default, so every identity made before the field existed still holds.
+        out = handler(self)
+        if out.get("retrieval_fraction") == 0.0:
+            out.pop("retrieval_fraction")
+        return out
 
 
 
@@ -553,9 +565,15 @@ class PerturbConfig(Strict):
     delta (distances across the middle grow by delta, within each half unchanged).
     """
 
-    deltas: list[int] = Field(default_factory=lambda: [0, 1, 2, 4, 8, 16, 32, 64, 128, 256])
+    # Offsets in positions; fractions rotate by part of a position (query/key only). Default
+    # for query/key: small, since at delta >= 1 a small model's output is already saturated and
+    # a saturated profile cannot tell a student that follows the teacher from one that does not;
+    # for gap: doublings 1..256.
+    deltas: list[float]
     target: Literal["query", "key", "gap"] = "query"
-    layers: list[int] | None = None  # layers whose queries/keys are perturbed; default: all
+    # Layers whose queries/keys are perturbed (together); default for query/key the first, so
+    # the change is traced through every later layer; `null` perturbs every layer at once.
+    layers: list[int] | None = None
     window_len: int | None = Field(None, gt=1)  # default: pack.window_len
     windows: int = Field(4, gt=0)
     segment_len: Range = (16, 128)  # length of each repeated random sequence
@@ -563,12 +581,27 @@ class PerturbConfig(Strict):
     logit_lens: bool = True  # KL of every layer's read-out, not only the output's
 
 
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        gap = data.get("target") == "gap"
+        if "deltas" not in data:
+            data["deltas"] = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256] if gap else [0, 0.125, 0.25, 0.5, 1, 2, 4]
+        if "layers" not in data and not gap:
+            data["layers"] = [0]
+        return data
+
     @model_validator(mode="after")
     def _gap(self) -> "PerturbConfig":
         if not self.deltas:
             raise ValueError("deltas: must list at least one offset")
         if self.target == "gap" and any(d < 0 for d in self.deltas):
             raise ValueError("deltas: target 'gap' needs offsets >= 0 (positions must increase)")
+        if self.target == "gap" and any(d != int(d) for d in self.deltas):
+            raise ValueError("deltas: target 'gap' needs whole offsets (position ids are integers)")
         if self.target == "gap" and self.layers is not None:
             raise ValueError("layers: only for target 'query' or 'key' (a gap moves positions in every layer)")
         return self
@@ -577,6 +610,9 @@ class PerturbConfig(Strict):
 class QuerySpansConfig(Strict):
     windows: list[int] | None = None  # phase windows to mark; default: train.phases' window_len
     top: int = Field(5, gt=0)  # how many most-moved spans to name
+    # Held-out windows (of pack.window_len tokens) the query *states* are compared on, before
+    # and after extension (stages/analyze/query_states.py; finding 3's units).
+    samples: int = Field(4, gt=0)
 
 
 class AnalyzeConfig(Strict):

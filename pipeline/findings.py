@@ -85,6 +85,15 @@ def compare(title: str, metric: str, a: list[list[dict[str, float]]], b: list[li
     """mean(a) - mean(b) over probes at distance >= ``long_from``, with its bootstrap."""
     ga = [np.array([r[metric] for r in rows if r["distance"] >= long_from], dtype=float) for rows in a]
     gb = [np.array([r[metric] for r in rows if r["distance"] >= long_from], dtype=float) for rows in b]
+    return compare_units(title, metric, ga, gb, seed)
+
+
+def compare_units(title: str, metric: str, ga: list[np.ndarray], gb: list[np.ndarray], seed: int = 0) -> Comparison:
+    """mean(a) - mean(b) of per-unit values (one array per student: probes, windows...), with
+    the two-level bootstrap; the paper's direction is positive."""
+    ga = [np.asarray(g, dtype=float) for g in ga]
+    gb = [np.asarray(g, dtype=float) for g in gb]
+    ga, gb = [g[~np.isnan(g)] for g in ga], [g[~np.isnan(g)] for g in gb]
     ga, gb = [g for g in ga if len(g)], [g for g in gb if len(g)]
     n_a, n_b = (len(ga), sum(map(len, ga))), (len(gb), sum(map(len, gb)))
     if not ga or not gb:
@@ -197,3 +206,35 @@ def seed_interval(values: list[float]) -> tuple[float, float, float]:
     rng = np.random.default_rng(0)
     boot = v[rng.integers(0, len(v), (BOOTSTRAP, len(v)))].mean(1)
     return float(v.mean()), float(np.quantile(boot, ALPHA / 2)), float(np.quantile(boot, 1 - ALPHA / 2))
+
+
+# ----------------------------------------------------------------------------- findings 2 and 3
+
+KL_FLOOR = 1e-10  # below float32 round-off of a KL; keeps log10 finite at delta = 0-like cases
+
+
+def profile_distance(student: dict[str, Any], teacher: dict[str, Any]) -> np.ndarray:
+    """Per probe window: mean over delta > 0 of |log10 KL_student - log10 KL_teacher| of the
+    output distribution (perturb.json's ``output_kl_by_window``). The windows are the same
+    for every model of a run (seeded by the held-out seed, one tokenizer), so it is paired."""
+    ds, dt = [r["delta"] for r in student["deltas"]], [r["delta"] for r in teacher["deltas"]]
+    if ds != dt:
+        raise ValueError(f"perturb deltas differ: {ds} vs {dt}")
+    s = np.asarray(student.get("output_kl_by_window") or [], dtype=float)
+    t = np.asarray(teacher.get("output_kl_by_window") or [], dtype=float)
+    if s.ndim != 2 or s.shape != t.shape:
+        return np.array([])
+    keep = np.asarray(ds) != 0
+    ls, lt = np.log10(np.maximum(s[:, keep], KL_FLOOR)), np.log10(np.maximum(t[:, keep], KL_FLOOR))
+    return np.abs(ls - lt).mean(1)
+
+
+def span_contrast(rel: np.ndarray, wavelength_before: np.ndarray, short: int) -> np.ndarray:
+    """Per unit (window; or one for weights): mean change of the pairs whose wavelength (the
+    base's spectrum) exceeds the short window minus that of the rest. ``rel`` is
+    ``[units, layers, heads, pairs]``; empty when every pair is on one side."""
+    long = np.asarray(wavelength_before) > short
+    rel = np.asarray(rel, dtype=float)
+    if not long.any() or long.all():
+        return np.array([])
+    return rel[..., long].mean(axis=(1, 2, 3)) - rel[..., ~long].mean(axis=(1, 2, 3))

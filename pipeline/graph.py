@@ -322,6 +322,7 @@ def models_of(graph: Graph) -> dict[str, str]:
 def _add_eval_and_analyze(graph: Graph, trained: list[Node], teacher_deps: list[Node]) -> None:
     from stages.analyze.perturb import run_perturb
     from stages.analyze.query_spans import run_query_spans
+    from stages.analyze.query_states import run_query_states
     from stages.evaluate.run import run_eval
     from stages.pack import run_pack
 
@@ -347,11 +348,9 @@ def _add_eval_and_analyze(graph: Graph, trained: list[Node], teacher_deps: list[
                       compute=lambda out: run_eval(ev, models, out, heldout_dir=heldout.out if heldout else None,
                                                    verbose=False, seeds=seeds)))
 
+    # Every seed gets its analyses: findings 2 and 3 are tested across seeds like finding 1.
     an = analyze_spec(cfg)
-    first_seed: dict[str, TrainSpec] = {}
-    for s in graph.students:
-        first_seed.setdefault(s.variant, s)
-    for name in ["teacher", *[s.label for s in first_seed.values()]]:
+    for name in ["teacher", *[s.label for s in graph.students]]:
         def perturb_ident(name: str = name) -> dict[str, Any]:
             return {"analyze": cfg.analyze.model_dump(mode="json"), "pack": cfg.pack.model_dump(mode="json"),
                     "model": content_identity(models[name], field_of(name))}
@@ -361,11 +360,23 @@ def _add_eval_and_analyze(graph: Graph, trained: list[Node], teacher_deps: list[
                           fingerprint(pid(), length=12),
                           identity=pid, deps=model_deps,
                           compute=lambda out, name=name: run_perturb(an, models[name], out, verbose=False)))
-    for s in first_seed.values():
+    for s in graph.students:
         if s.init_from is None:
             continue
         before, after = str(s.student.init), models[s.label]
         windows = query_span_windows(cfg, s)
+
+        def state_ident(before: str = before, after: str = after) -> dict[str, Any]:
+            return {"before": content_identity(before, "student.init"), "after": dir_identity(after),
+                    "samples": cfg.analyze.query_spans.samples, "window_len": an.window_len,
+                    "eval": an.eval.identity()}
+        qid = _memo(state_ident)
+        nodes.append(Node("analyze", f"query states {s.label}",
+                          locate=lambda s=s, qid=qid: cfg.out_dir / "analyze" / f"query-states-{s.label}" /
+                          fingerprint(qid(), length=12),
+                          identity=qid, deps=model_deps,
+                          compute=lambda out, b=before, a=after: run_query_states(
+                              an, b, a, cfg.analyze.query_spans.samples, an.window_len, out)))
 
         def span_ident(before: str = before, after: str = after, windows: list[int] = windows) -> dict[str, Any]:
             return {"before": content_identity(before, "student.init"), "after": dir_identity(after),

@@ -144,7 +144,7 @@ def _findings(cfg: Config, students: list[TrainSpec], results: dict[str, dict],
         lines.append(f"| {v} | {len(vals)} | {_fmt(m)}" + (f" [{lo:.3f}, {hi:.3f}]" if not math.isnan(lo) else "") + " |")
     lines.append("")
 
-    for finding, extra in _analysis_comparisons(students, arm_of, analyses or {}):
+    for finding, extra in _analysis_comparisons(students, arm_of, analyses or {}, short):
         comps += [(finding, "", c) for c in extra[1]]
         lines += extra[0]
     F.holm([c for _, _, c in comps])
@@ -156,17 +156,17 @@ def _findings(cfg: Config, students: list[TrainSpec], results: dict[str, dict],
     lines.append("")
 
     primary = {"1": [c for f, t, c in comps if f == "1" and t == "needle" and c.metric == "token_acc"],
-               "2": [c for f, _, c in comps if f == "2"], "3": [c for f, _, c in comps if f == "3"]}
+               "2": [c for f, _, c in comps if f == "2"][:1], "3": [c for f, _, c in comps if f == "3"][:1]}
     claims = {
         "1": "phase-wise RoPE scaling (a θ that uses the rotational spectrum at each stage) is best under "
              f"distillation — tested as arm (a) against (b), (c), (d) and (e) on needle token accuracy at distances "
              f"≥ {long_from}",
         "2": "positional perturbations of queries/keys propagate through the layers to the output logits, so KD "
-             "carries positional information — tested as KD students' positional-sensitivity profile being "
-             "closer to the teacher's than CE students'",
+             "carries positional information — tested as a KD student's positional-sensitivity profile (output KL "
+             "against δ, first layer perturbed) being closer to the teacher's than a CE student's, (b) − (a)",
         "3": "the query states move in structured spans during extension — tested as the pairs whose wavelength "
-             "exceeds the short window moving more than the rest, relative to a control trained at the short "
-             "window only",
+             "exceeds the short window moving more than the rest, in (a) relative to a control trained the same "
+             "steps at the short window only",
     }
     lines += ["**The paper's three findings, in its terms** (primary tests; every test above is in the Holm family)", ""]
     for k, claim in claims.items():
@@ -177,10 +177,92 @@ def _findings(cfg: Config, students: list[TrainSpec], results: dict[str, dict],
     return lines
 
 
-def _analysis_comparisons(students: list[TrainSpec], arm_of: dict[str, str],
-                          analyses: dict[str, Any]) -> list[tuple[str, tuple[list[str], list[Any]]]]:
-    """Findings 2 and 3: their tables and comparisons, from the analysis outputs."""
-    return []
+def _read_json(d: Any, name: str) -> dict[str, Any] | None:
+    path = Path(d) / name if d is not None else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def _analysis_comparisons(students: list[TrainSpec], arm_of: dict[str, str], analyses: dict[str, Any],
+                          short: int) -> list[tuple[str, tuple[list[str], list[Any]]]]:
+    """Findings 2 and 3: their tables and comparisons (the first of each is its primary test),
+    from every seed's analysis outputs."""
+    from pipeline import findings as F
+
+    variant_of = {s.label: s.variant for s in students}
+    variants = list(dict.fromkeys(variant_of.values()))
+    by_arm: dict[str, list[str]] = {}
+    for label, arm in arm_of.items():
+        by_arm.setdefault(arm, []).append(label)
+    out: list[tuple[str, tuple[list[str], list[Any]]]] = []
+
+    def per_variant_rows(values: dict[str, float]) -> list[str]:
+        rows = []
+        for v in variants:
+            m, lo, hi = F.seed_interval([values[lbl] for lbl in values if variant_of.get(lbl) == v])
+            if not math.isnan(m):
+                rows.append(f"{m:.3g}" + (f" [{lo:.3g}, {hi:.3g}]" if not math.isnan(lo) else ""))
+            else:
+                rows.append("–")
+        return rows
+
+    pert = {n: r for n, d in analyses.get("perturb", {}).items() if (r := _read_json(d, "perturb.json"))}
+    if "teacher" in pert:
+        deltas = [r["delta"] for r in pert["teacher"]["deltas"]]
+        lines = [f"**Finding 2 — positional sensitivity.** Queries of layer(s) "
+                 f"{pert['teacher'].get('layers_perturbed')} rotated by δ positions; output KL(p‖p′) on the same "
+                 f"{len(pert['teacher'].get('output_kl_by_window') or [])} repeated-sequence windows for every model "
+                 "(mean over seeds). Profile distance = mean over δ > 0 of |log10 KL − log10 KL_teacher|, per window.", "",
+                 "| model | " + " | ".join(f"δ={d:g}" for d in deltas) + " | profile distance to teacher |",
+                 "|---|" + "---|" * (len(deltas) + 1)]
+        dist = {n: F.profile_distance(r, pert["teacher"]) for n, r in pert.items() if n != "teacher"}
+        kl_of = {n: [row["kl"][-1] for row in r["deltas"]] for n, r in pert.items()}
+        lines.append("| teacher | " + " | ".join(f"{x:.2e}" for x in kl_of["teacher"]) + " | 0 |")
+        mean_dist = {n: float(d.mean()) for n, d in dist.items() if len(d)}
+        for v, cell in zip(variants, per_variant_rows(mean_dist)):
+            labels = [n for n in kl_of if variant_of.get(n) == v]
+            if labels:
+                kl = np.mean([kl_of[n] for n in labels], axis=0)
+                lines.append(f"| {v} ({len(labels)}) | " + " | ".join(f"{x:.2e}" for x in kl) + f" | {cell} |")
+        lines.append("")
+        comps = []
+        for title, a, b in [("profile distance to the teacher, CE − KD (b − a)", "ce_raised", "kd_raised"),
+                            ("profile distance to the teacher, CE − KD θ kept (b − c)", "ce_raised", "kd_kept")]:
+            ga, gb = [dist[n] for n in by_arm.get(a, []) if n in dist], [dist[n] for n in by_arm.get(b, []) if n in dist]
+            if ga and gb:
+                comps.append(F.compare_units(title, "|Δ log10 KL|", ga, gb))
+        out.append(("2", (lines, comps)))
+
+    states = {n: r for n, d in analyses.get("query_states", {}).items() if (r := _read_json(d, "query_states.json"))}
+    spans = {n: r for n, d in analyses.get("query_spans", {}).items() if (r := _read_json(d, "query_spans.json"))}
+    if states or spans:
+        c_rel = {n: F.span_contrast(np.asarray(r["rel"]), np.asarray(r["wavelength_before"]), short) for n, r in states.items()}
+        c_abs = {n: F.span_contrast(np.asarray(r["abs"]), np.asarray(r["wavelength_before"]), short) for n, r in states.items()}
+        c_w = {n: F.span_contrast(np.asarray(r["q"]["rel"])[None], np.asarray(r["wavelength_before"]), short)
+               for n, r in spans.items()}
+        tables = {k: {n: float(v.mean()) for n, v in c.items() if len(v)} for k, c in
+                  (("rel", c_rel), ("abs", c_abs), ("w", c_w))}
+        lines = [f"**Finding 3 — where the queries move.** Change from each student's starting point per RoPE pair, "
+                 f"pairs whose wavelength (the base's spectrum) exceeds the short window {short} minus the rest "
+                 "(> 0: the long-wavelength pairs moved more); query states on held-out windows (relative and "
+                 "absolute) and W_q (relative). Mean over seeds [95% interval over seeds].", "",
+                 "| model | states, relative | states, absolute | W_q, relative |", "|---|---|---|---|"]
+        cols = [per_variant_rows(tables["rel"]), per_variant_rows(tables["abs"]), per_variant_rows(tables["w"])]
+        for i, v in enumerate(variants):
+            if any(variant_of.get(n) == v for n in list(states) + list(spans)):
+                lines.append(f"| {v} | {cols[0][i]} | {cols[1][i]} | {cols[2][i]} |")
+        lines.append("")
+        comps = []
+        for title, metric, c in (("query states, long − short λ, (a) − control", "relative change", c_rel),
+                                 ("query states, long − short λ, (a) − control", "absolute change", c_abs),
+                                 ("W_q, long − short λ, (a) − control", "relative change", c_w),
+                                 ("query states, long − short λ, (b) − control", "relative change", c_rel)):
+            arm = "ce_raised" if "(b)" in title else "kd_raised"
+            ga = [c[n] for n in by_arm.get(arm, []) if n in c]
+            gb = [c[n] for n in by_arm.get("control", []) if n in c]
+            if ga and gb:
+                comps.append(F.compare_units(title, metric, ga, gb))
+        out.append(("3", (lines, comps)))
+    return out
 
 
 def _student_arch(cfg: Config) -> str:
@@ -264,7 +346,12 @@ def write_report(graph: Any, models: dict[str, str], eval_dir: Path, analyses: d
     lines += ["## Positional perturbation", "",
               "Relative change of hidden states per layer and KL of the output distribution when the positions seen "
               "by queries are shifted by δ (see docs: `posdistill analyze perturb`).", ""]
+    first_seed = {"teacher"} | {next(s.label for s in students if s.variant == v)
+                                for v in dict.fromkeys(s.variant for s in students)}
+    lines.append("Figures for the first seed of each variant (finding 2 above uses every seed).")
     for name, d in analyses.get("perturb", {}).items():
+        if name not in first_seed:
+            continue
         for f in ("perturb.png", "perturb_by_delta.png"):
             png = _copy(Path(d) / f, fig, f"{safe_name(name)}-{f}")
             if png:
@@ -273,6 +360,8 @@ def write_report(graph: Any, models: dict[str, str], eval_dir: Path, analyses: d
               "Relative update of W_q and W_k per RoPE frequency pair from each extended student's starting point, "
               "against the pair's wavelength, with the phase windows marked.", ""]
     for name, d in analyses.get("query_spans", {}).items():
+        if name not in first_seed:
+            continue
         res = Path(d) / "query_spans.json"
         if res.is_file():
             q = json.loads(res.read_text())["q"]

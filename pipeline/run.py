@@ -46,11 +46,12 @@ def run_pipeline(cfg: Config, address: str | None = None) -> Path:
         f.write(json.dumps(summary) + "\n")
     atomic_write_json(out / "run.json", summary)
     eval_dir = next(n.out for n in graph.nodes if n.stage == "eval")
-    analyses: dict[str, dict[str, Path]] = {"perturb": {}, "query_spans": {}}
+    kinds = {"perturb ": "perturb", "query spans ": "query_spans", "query states ": "query_states"}
+    analyses: dict[str, dict[str, Path]] = {k: {} for k in kinds.values()}
     for n in graph.nodes:
         if n.stage == "analyze":
-            kind, name = n.name.split(" ", 1) if n.name.startswith("perturb") else ("query_spans", n.name[12:])
-            analyses["perturb" if kind == "perturb" else "query_spans"][name] = n.out
+            prefix = next(p for p in kinds if n.name.startswith(p))
+            analyses[kinds[prefix]][n.name[len(prefix):]] = n.out
     report = write_report(graph, models_of(graph), eval_dir, analyses, summary)
     if root is not None:
         for path in [out / "runs.jsonl", out / "run.json", report, *sorted((out / "report_figures").glob("*"))]:

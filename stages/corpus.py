@@ -28,13 +28,43 @@ def _random_string(rng: random.Random, alphabet: str, n: int) -> str:
     return "".join(rng.choice(alphabet) for _ in range(n))
 
 
+# The eval's retrieval formats (stages/evaluate/tasks.py builds its probes from these too).
+KEY_LEN = 8
+VALUE_LEN = 8
+PASSKEY_DIGITS = 5
+PASSKEY_PREFIX = "pass key: "
+
+
+def retrieval_document(rng: random.Random, cfg: SyntheticConfig, length: int) -> str:
+    """A document in one of the eval's formats, asked again at its end, the fact at a uniform
+    distance: needle = key + value amid synthetic text, then the key + value again; passkey =
+    ``pass key: NNNNN.`` amid a repeated sentence of random words, then the same again. The
+    eval's own filler sentence is never used, so the probes stay unseen."""
+    if rng.random() < 0.5:
+        fact = _random_string(rng, cfg.alphabet, KEY_LEN) + _random_string(rng, cfg.alphabet, VALUE_LEN)
+        hay = ""
+        while len(hay) < length:
+            hay += synthetic_document(rng, cfg.model_copy(update={"retrieval_fraction": 0.0}), length)
+    else:
+        fact = f"{PASSKEY_PREFIX}{rng.randrange(10 ** PASSKEY_DIGITS):0{PASSKEY_DIGITS}d}."
+        words = [_random_string(rng, cfg.alphabet, rng.randint(2, 7)) for _ in range(rng.randint(3, 8))]
+        sentence = " ".join(words) + ". "
+        hay = sentence * (length // len(sentence) + 1)
+    room = max(length - 2 * len(fact), 0)
+    at = rng.randint(0, room)
+    return hay[:at] + fact + hay[at:room] + fact
+
+
 def synthetic_document(rng: random.Random, cfg: SyntheticConfig, length: int) -> str:
     """One document of ~``length`` characters that rewards retrieving earlier content.
 
-    copy:  a random segment repeated to fill the document (predicting any character after
-           the first period needs looking back one period: an induction pattern).
-    facts: ``key=value;`` pairs, then queries ``key?value`` that restate earlier pairs.
+    copy:      a random segment repeated to fill the document (predicting any character
+               after the first period needs looking back one period: an induction pattern).
+    facts:     ``key=value;`` pairs, then queries ``key?value`` that restate earlier pairs.
+    retrieval: (``retrieval_fraction`` of them) the eval's formats, see ``retrieval_document``.
     """
+    if cfg.retrieval_fraction > 0 and rng.random() < cfg.retrieval_fraction:
+        return retrieval_document(rng, cfg, length)
     if rng.random() < cfg.copy_fraction:
         lo, hi = cfg.segment_len
         seg = _random_string(rng, cfg.alphabet, rng.randint(lo, max(lo, min(hi, length // 2))))

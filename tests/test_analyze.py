@@ -207,3 +207,47 @@ def test_identical_checkpoints_give_zero_and_updates_are_found(tmp_path):
 def test_find_spans():
     assert find_spans(np.zeros(8)) == []
     assert find_spans(np.array([0, 0, 1, 1, 0, 0, 0, 0, 0, 1.0, 0, 0])) == [(2, 3), (9, 9)]
+
+
+# ----------------------------------------------------------------------------- findings 2 and 3 inputs
+
+
+def test_fractional_deltas_and_one_layer_by_default(lm, tmp_path):
+    """The default perturbs only the first layer (so its spread is traced) with small deltas;
+    a fractional delta changes the output less than a whole one, and each window's output
+    KL is recorded (finding 2's units). A gap refuses fractions."""
+    cfg = make_cfg(tmp_path, deltas=[0, 0.25, 1], windows=2)
+    assert cfg.analyze.perturb.layers == [0]
+    res = run_probe(lm, analyze_spec(cfg), verbose=False)
+    per_window = np.asarray(res["output_kl_by_window"])
+    assert per_window.shape == (2, 3) and np.all(per_window[:, 0] == 0)
+    assert np.all(per_window[:, 1] > 0) and np.all(per_window[:, 1] < per_window[:, 2])
+    assert np.isclose(per_window.mean(0)[2], res["deltas"][2]["kl"][-1])
+    with pytest.raises(Exception, match="whole offsets"):
+        make_cfg(tmp_path, target="gap", deltas=[0, 0.5])
+
+
+def test_query_states_see_only_what_moved(tmp_path):
+    """Before == after gives exactly zero; scaling W_q's rows of the long-wavelength pairs
+    moves those pairs' states and leaves every other pair's states at exactly zero."""
+    from pipeline.findings import span_contrast
+    from stages.analyze.query_states import measure
+
+    tok = build_byte_tokenizer()
+    before = tiny_llama(layers=2, theta=10000.0)
+    after = tiny_llama(layers=2, theta=10000.0)
+    ids = [np.random.default_rng(0).integers(0, 256, 64)]
+    same = measure(LoadedModel("b", before, tok), LoadedModel("a", after, tok), ids)
+    assert np.all(same["rel"] == 0) and same["rel"].shape == (1, 2, 4, 8)
+    wl = same["wavelength_before"]
+    long = np.flatnonzero(wl > 64)
+    assert 0 < len(long) < 8
+    with torch.no_grad():
+        q = after.model.layers[0].self_attn.q_proj.weight.view(4, 16, 64)
+        q[:, long] *= 1.5
+        q[:, long + 8] *= 1.5
+    moved = measure(LoadedModel("b", before, tok), LoadedModel("a", after, tok), ids)
+    rel = moved["rel"][0, 0]  # layer 0: [heads, pairs]
+    assert np.allclose(rel[:, long], 0.5) and np.all(rel[:, np.setdiff1d(np.arange(8), long)] == 0)
+    assert span_contrast(moved["rel"], wl, 64)[0] > 0 and span_contrast(same["rel"], wl, 64)[0] == 0
+    assert len(span_contrast(moved["rel"], wl, 1)) == 0  # every pair long: no contrast to draw

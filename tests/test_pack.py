@@ -205,3 +205,41 @@ def test_periodic_source_and_phase_doc_len(tmp_path):
         build_pack(big, 0)
     with pytest.raises(Exception, match="doc_len max 128 exceeds window_len 64"):
         _cfg(tmp_path, train={"phases": [{"window_len": 64, "steps": 1, "doc_len": [8, 128]}]})
+
+
+def test_retrieval_documents_are_the_eval_formats_and_off_by_default():
+    """retrieval_fraction > 0 mixes in the eval's needle / pass-key formats (the fact restated
+    at the end, never the eval's own filler); at its default the document stream and the
+    source identity are what they were before the field existed."""
+    import random
+    import re
+
+    from pipeline.config import DataConfig, SyntheticConfig
+    from stages.corpus import PASSKEY_PREFIX, retrieval_document, source_identity, synthetic_documents
+    from stages.evaluate.tasks import PASSKEY_FILLER
+
+    plain = SyntheticConfig(num_docs=40)
+    mixed = SyntheticConfig(num_docs=40, retrieval_fraction=1.0)
+    assert "retrieval_fraction" not in plain.model_dump() and mixed.model_dump()["retrieval_fraction"] == 1.0
+    assert source_identity(DataConfig(synthetic=plain)) == {
+        "synthetic": {"num_docs": 40, "alphabet": plain.alphabet, "copy_fraction": 0.5,
+                      "segment_len": [4, 64]}, "version": 1}
+    assert source_identity(DataConfig(synthetic=mixed)) != source_identity(DataConfig(synthetic=plain))
+    assert list(synthetic_documents(plain, (32, 128), 3)) == list(
+        synthetic_documents(SyntheticConfig(num_docs=40, retrieval_fraction=0.0), (32, 128), 3))
+    rng, kinds = random.Random(0), set()
+    for _ in range(40):
+        doc = retrieval_document(rng, mixed, 200)
+        assert PASSKEY_FILLER[:20] not in doc
+        m = re.search(r"(pass key: \d{5}\.)$", doc)
+        if m:
+            kinds.add("passkey")
+            assert doc.count(m.group(1)) == 2
+        else:
+            kinds.add("needle")
+            fact = doc[-16:]
+            assert re.fullmatch(r"[a-z]{16}", fact) and doc.count(fact) >= 2
+        assert 200 - 2 <= len(doc) <= 200 + 32
+    assert kinds == {"passkey", "needle"}
+    docs = list(synthetic_documents(mixed, (64, 64), 0))
+    assert sum(d.count(PASSKEY_PREFIX) == 2 for d in docs) > 5

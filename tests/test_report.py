@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from pipeline.findings import by_distance, compare, distance_edges, holm
 
@@ -97,3 +98,28 @@ def test_arms_are_read_off_the_specs_not_the_names(tmp_path):
             v["init_from"] = "x" + v["init_from"][::-1]
     renamed = arms(train_specs(parse_config(raw)))
     assert sorted(renamed.values()) == sorted(got.values())
+
+
+def test_profile_distance_is_paired_and_ignores_delta_zero():
+    from pipeline.findings import profile_distance
+
+    teacher = {"deltas": [{"delta": 0}, {"delta": 0.5}, {"delta": 1}], "output_kl_by_window": [[0, 1e-3, 1e-2], [0, 2e-3, 2e-2]]}
+    close = {"deltas": teacher["deltas"], "output_kl_by_window": [[0, 1e-3, 1e-2], [0, 2e-3, 2e-2]]}
+    far = {"deltas": teacher["deltas"], "output_kl_by_window": [[0, 1e-1, 1e-2], [0, 2e-3, 2e-4]]}
+    assert np.all(profile_distance(close, teacher) == 0)
+    assert np.allclose(profile_distance(far, teacher), [1.0, 1.0])  # two decades on one of two deltas
+    with pytest.raises(ValueError, match="deltas differ"):
+        profile_distance({"deltas": [{"delta": 0}], "output_kl_by_window": [[0]]}, teacher)
+
+
+def test_unit_comparison_sees_a_clear_shift_and_not_noise():
+    from pipeline.findings import compare_units, holm
+
+    rng = np.random.default_rng(1)
+    shifted = compare_units("shift", "x", [rng.normal(1.0, 0.3, 8) for _ in range(4)],
+                            [rng.normal(0.0, 0.3, 8) for _ in range(4)])
+    noise = compare_units("noise", "x", [rng.normal(0.0, 0.3, 8) for _ in range(4)],
+                          [rng.normal(0.0, 0.3, 8) for _ in range(4)])
+    holm([shifted, noise])
+    assert shifted.verdict == "reproduced" and shifted.lo > 0
+    assert noise.verdict == "inconclusive" and noise.lo < 0 < noise.hi

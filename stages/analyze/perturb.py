@@ -89,7 +89,7 @@ def _check_model(model: Any) -> tuple[Any, Any]:
 
 
 @contextlib.contextmanager
-def perturbed(model: Any, target: str, delta: int, layers: list[int] | None) -> Iterator[None]:
+def perturbed(model: Any, target: str, delta: float, layers: list[int] | None) -> Iterator[None]:
     """Hooks that rotate queries (or keys) by ``delta`` positions in ``layers`` (all when None)."""
     if target == "gap":
         yield
@@ -115,10 +115,10 @@ def perturbed(model: Any, target: str, delta: int, layers: list[int] | None) -> 
             h.remove()
 
 
-def positions(window_len: int, target: str, delta: int) -> torch.Tensor:
+def positions(window_len: int, target: str, delta: float) -> torch.Tensor:
     pos = torch.arange(window_len)
     if target == "gap":
-        pos = pos + delta * (pos >= window_len // 2)
+        pos = pos + int(delta) * (pos >= window_len // 2)
     return pos  # [L]
 
 
@@ -147,7 +147,8 @@ def trace(model: Any, ids: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor
 @torch.no_grad()
 def _readout_logp(body: Any, head: Any, h: torch.Tensor, s: int, e: int) -> torch.Tensor:
     x = h[s:e].to(next(head.parameters()).dtype)
-    return torch.log_softmax(head(body.norm(x)).float(), dim=-1)  # [t, V]
+    # float64: the KL of a small delta (1e-9 and below) is lost to float32 round-off otherwise
+    return torch.log_softmax(head(body.norm(x)).double(), dim=-1)  # [t, V]
 
 
 @torch.no_grad()
@@ -191,8 +192,9 @@ def run_probe(lm: LoadedModel, spec: AnalyzeSpec, pc: PerturbConfig | None = Non
     model = lm.model
     body, _ = _check_model(model)
     n_layers = len(body.layers)
-    if pc.layers is not None and any(not 0 <= i < n_layers for i in pc.layers):
-        raise UserError(f"analyze.perturb.layers: {pc.layers} out of range for a model with {n_layers} layers")
+    layers = None if pc.target == "gap" else pc.layers
+    if layers is not None and any(not 0 <= i < n_layers for i in layers):
+        raise UserError(f"analyze.perturb.layers: {layers} out of range for a model with {n_layers} layers")
     window_len = pc.window_len or spec.window_len
     seed = spec.eval.heldout_seed
     pool = token_pool(spec.eval, lm.tokenizer)
@@ -200,6 +202,7 @@ def run_probe(lm: LoadedModel, spec: AnalyzeSpec, pc: PerturbConfig | None = Non
     dev = model_device(model)
     sums: dict[int, dict[str, np.ndarray]] = {}
     n_pos = n_copy = 0
+    per_window: list[list[float]] = []  # [window][delta] output KL, mean over the window's positions
     progress = Progress(f"perturb {lm.name}", pc.windows * len(pc.deltas), unit="runs", enabled=verbose)
     for _ in range(pc.windows):
         ids_np, copy_np = repeated_window(rng, pool, window_len, pc.segment_len, pc.repeats,
@@ -208,10 +211,12 @@ def run_probe(lm: LoadedModel, spec: AnalyzeSpec, pc: PerturbConfig | None = Non
         clean = trace(model, ids, positions(window_len, pc.target, 0))
         n_pos += window_len
         n_copy += int(copy_np.sum())
+        per_window.append([])
         for delta in pc.deltas:
-            with perturbed(model, pc.target, delta, pc.layers):
+            with perturbed(model, pc.target, delta, layers):
                 pert = trace(model, ids, positions(window_len, pc.target, delta))
             res = compare(model, clean, pert, copy, ids, pc.logit_lens, spec.eval.eval.tile)
+            per_window[-1].append(res["kl"][-1] / window_len)
             acc = sums.setdefault(delta, {})
             for k, v in res.items():
                 acc[k] = acc.get(k, 0) + np.asarray(v, dtype=np.float64)
@@ -231,7 +236,9 @@ def run_probe(lm: LoadedModel, spec: AnalyzeSpec, pc: PerturbConfig | None = Non
         row["copy_accuracy"] = float(s["copy_hits"][0] / max(s["copy_count"][0], 1))
         row["copy_accuracy_clean"] = float(s["copy_hits_clean"][0] / max(s["copy_count"][0], 1))
         per_delta.append(row)
-    return {"model": lm.name, "path": lm.path, "target": pc.target, "layers_perturbed": pc.layers,
+    return {"model": lm.name, "path": lm.path, "target": pc.target, "layers_perturbed": layers,
+            # per probe window: the output KL at each delta (the units finding 2's bootstrap resamples)
+            "output_kl_by_window": per_window,
             "window_len": window_len, "windows": pc.windows, "segment_len": list(pc.segment_len),
             "repeats": pc.repeats, "n_layers": n_layers, "layer_index": "0 = embeddings, l = after decoder layer l",
             "deltas": per_delta}

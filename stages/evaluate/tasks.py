@@ -26,12 +26,8 @@ import numpy as np
 
 from pipeline.config import DataConfig
 from pipeline.errors import UserError
-from stages.corpus import iter_documents
+from stages.corpus import KEY_LEN, PASSKEY_DIGITS, PASSKEY_PREFIX, VALUE_LEN, iter_documents
 
-KEY_LEN = 8
-VALUE_LEN = 8
-PASSKEY_DIGITS = 5
-PASSKEY_PREFIX = "pass key: "
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 TASKS = ("passkey", "needle")
 _TOKENIZE_BATCH = 256
