@@ -68,8 +68,13 @@ def test_run_end_to_end_and_rerun_reuses(tmp_path):
     assert "Holm" in report and "Arms, read off each student's spec" in report
     for k in ("1", "2", "3"):
         assert f"- **Finding {k}** — " in report, k
+    # finding 2 is tested ((a) and (b) exist); finding 3 is measured but untested (no control arm)
+    assert "| 2 | - | profile distance to the teacher, CE − KD (b − a) |" in report
+    assert "**Finding 3 — where the queries move.**" in report and "| 3 | - |" not in report
     summary = json.loads((tmp_path / "run" / "run.json").read_text())
     assert len(summary["computed"]["train"]) == 5 and len(summary["computed"]["cache"]) == 1
+    # perturbation for the teacher and every seed; query spans and states for every extension
+    assert len(summary["computed"]["analyze"]) == 6 + 4 + 4, summary["computed"]["analyze"]
     assert summary["peak_memory_gib"] > 0
 
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
