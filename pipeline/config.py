@@ -123,6 +123,23 @@ class PackConfig(Strict):
         return self
 
 
+# ----------------------------------------------------------------------------- model sizes
+
+
+class StudentArch(Strict):
+    """Llama-family sizes; anything not given follows transformers' LlamaConfig defaults."""
+
+    hidden_size: int = Field(64, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: int | None = Field(None, gt=0)
+    # Per-head width; default hidden_size // heads. Wider heads have more RoPE pairs, and
+    # long-range content matching lives in the slowly rotating ones.
+    head_dim: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    tie_word_embeddings: bool = False
+
+
 # ----------------------------------------------------------------------------- teacher / cache
 
 
@@ -209,16 +226,10 @@ class BootstrapProbe(Strict):
         return v
 
 
-class BootstrapConfig(Strict):
-    """Train a tiny long-context teacher locally (no model can be downloaded in the demo)."""
+class BootstrapConfig(StudentArch):
+    """Train a tiny long-context teacher locally (no model can be downloaded in the demo).
+    Its sizes are a student's (``StudentArch``): it is built like a fresh student."""
 
-    hidden_size: int = Field(64, gt=0)
-    num_hidden_layers: int = Field(2, gt=0)
-    num_attention_heads: int = Field(4, gt=0)
-    # Per-head width; default hidden_size // heads. Content matching across a long window
-    # lives in the slowly rotating RoPE pairs, so wider heads retrieve far better.
-    head_dim: int | None = Field(None, gt=0)
-    intermediate_size: int | None = Field(None, gt=0)  # default: 4 * hidden_size
     # Trained phase-wise like the students: each phase sets its window and RoPE theta.
     phases: list[BootstrapPhase] = Field(min_length=1)
     batch_size: int = Field(16, gt=0)
@@ -290,20 +301,6 @@ class CacheConfig(Strict):
 
 
 # ----------------------------------------------------------------------------- student / train
-
-
-class StudentArch(Strict):
-    """Llama-family sizes; anything not given follows transformers' LlamaConfig defaults."""
-
-    hidden_size: int = Field(64, gt=0)
-    num_hidden_layers: int = Field(2, gt=0)
-    num_attention_heads: int = Field(4, gt=0)
-    num_key_value_heads: int | None = Field(None, gt=0)
-    # Per-head width; default hidden_size // heads. Wider heads have more RoPE pairs, and
-    # long-range content matching lives in the slowly rotating ones.
-    head_dim: int | None = Field(None, gt=0)
-    intermediate_size: int | None = Field(None, gt=0)
-    tie_word_embeddings: bool = False
 
 
 class StudentConfig(Strict):

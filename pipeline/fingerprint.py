@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 # Bump a stage's version whenever its output format or semantics change.
-FORMAT_VERSION = {"pack": 1, "cache": 1, "train": 1, "bootstrap": 1}
+FORMAT_VERSION = {"pack": 1, "cache": 1, "train": 1, "bootstrap": 2}
 
 log = logging.getLogger(__name__)
 

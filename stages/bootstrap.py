@@ -15,9 +15,12 @@ rotating RoPE pairs). Only then do spans copied from arbitrary distances, needle
 haystacks and the demo's own documents sharpen it into retrieval across the whole window,
 including distances held out of training.
 
-The needle probe below is the agreed eval format (docs/teacher.md): haystack of held-out
-synthetic documents, needle = key (8 chars) + value (8 chars) at depth d, the context ends
-with the key, the model must continue with the value.
+What is bootstrap-specific lives here: the training rows (periodic, spans, needle and
+document rows, ``PhaseSampler``) and a plain single-process training loop. Everything else
+is the stages' own: the model is built like a ``student.config`` student
+(``stages.student``), each phase's RoPE is applied like a student phase's (``stages.rope``),
+and the finished teacher is probed, scored and plotted exactly as ``posdistill eval`` probes
+any model (``stages.evaluate``: the agreed passkey and needle formats, docs/eval.md).
 """
 
 from __future__ import annotations
@@ -35,62 +38,27 @@ from typing import Any, Callable, Iterator
 import torch
 
 from pipeline.atomic import atomic_dir, atomic_write_json
-from pipeline.config import BootstrapConfig, BootstrapPhase, BootstrapTaskMix, SyntheticConfig
+from pipeline.config import BootstrapConfig, BootstrapPhase, BootstrapTaskMix, DataConfig, EvalConfig, SyntheticConfig
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
 from pipeline.progress import Progress
 from stages.corpus import synthetic_document
+from stages.evaluate.report import effective_length, save_heatmap
+from stages.evaluate.retrieval import grid, score_probes
+from stages.evaluate.tasks import TASKS, Haystack, build_probes
+from stages.rope import apply_rope
 from stages.specs import BootstrapSpec
+from stages.student import fresh_model, llama_config
 from stages.tokenizer import BYTE_SPECIALS, BYTE_VOCAB_SIZE, build_byte_tokenizer
 
-PAD_ID = 256 + BYTE_SPECIALS.index("<pad>")
 BOS_ID = 256 + BYTE_SPECIALS.index("<s>")
-EOS_ID = 256 + BYTE_SPECIALS.index("</s>")
 IGNORE = -100  # label that HF's causal-LM loss skips
 META_FILE = "bootstrap.json"
 HEATMAP_FILE = "heatmap.png"
+EVAL_THRESHOLD = EvalConfig().threshold  # effective length as `posdistill eval` computes it
 # Share of needle rows whose needle opens the context: uniform distances almost never put it
 # at position 0, and a teacher trained without it failed the probe's depth 0 at every length.
 AT_START_SHARE = 0.1
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-
-
-# ----------------------------------------------------------------------------- model
-
-
-def build_model(boot: BootstrapConfig, rope_theta: float, max_positions: int) -> Any:
-    """A tiny Llama on the byte vocabulary (260 ids), seeded by the caller."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=BYTE_VOCAB_SIZE,
-        hidden_size=boot.hidden_size,
-        intermediate_size=boot.intermediate_size or 4 * boot.hidden_size,
-        num_hidden_layers=boot.num_hidden_layers,
-        num_attention_heads=boot.num_attention_heads,
-        num_key_value_heads=boot.num_attention_heads,
-        head_dim=boot.head_dim or boot.hidden_size // boot.num_attention_heads,
-        max_position_embeddings=max_positions,
-        rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta)},
-        tie_word_embeddings=False,
-        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-        use_cache=False,
-    )
-    cfg._attn_implementation = "sdpa"
-    return LlamaForCausalLM(cfg)
-
-
-def set_rope_theta(model: Any, theta: float, max_positions: int) -> None:
-    """Write complete rope_parameters and rebuild the rotary embedding.
-
-    transformers 5 computes the rotary frequencies when the module is built, so changing
-    the config alone changes nothing (NOTES.md).
-    """
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    model.config.rope_parameters = {"rope_type": "default", "rope_theta": float(theta)}
-    model.config.max_position_embeddings = max(max_positions, model.config.max_position_embeddings)
-    model.model.rotary_emb = LlamaRotaryEmbedding(config=model.config)
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -200,20 +168,6 @@ def document_row(docs: DocumentStream, window: int) -> tuple[torch.Tensor, torch
     return ids, labels
 
 
-def needle_context(haystack: list[int], key: list[int], value: list[int], length: int,
-                   depth: float) -> tuple[list[int], int]:
-    """Context of exactly ``length`` ids ending with the key; returns it and the needle's start.
-
-    The needle (key + value) sits at fraction ``depth`` of the haystack, so the distance
-    from the needle to the query is about (1 - depth) * length.
-    """
-    room = length - 2 * len(key) - len(value)
-    if room < 0:
-        raise ValueError(f"context length {length} is too short for the needle")
-    at = int(round(depth * room))
-    return place_needle(haystack, key, value, length, at), at
-
-
 def place_needle(haystack: list[int], key: list[int], value: list[int], length: int, at: int) -> list[int]:
     """haystack[:at] + key + value + haystack[at:room] + key, exactly ``length`` ids."""
     room = length - 2 * len(key) - len(value)
@@ -309,87 +263,6 @@ class PhaseSampler:
 
 
 @torch.no_grad()
-def score_answers(model: Any, contexts: list[list[int]], answers: list[list[int]]) -> dict[str, list]:
-    """Teacher-forced scoring of ``answer`` after each context (all the same lengths).
-
-    Greedy exact match equals "argmax correct at every answer position" under teacher
-    forcing: greedy decoding diverges exactly at the first wrong argmax.
-    """
-    a_len = len(answers[0])
-    ids = torch.tensor([c + a[:-1] for c, a in zip(contexts, answers)])  # [N, L + a - 1]
-    target = torch.tensor(answers)  # [N, a]
-    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
-    logits = model(input_ids=ids, position_ids=pos, logits_to_keep=a_len).logits.float()  # [N, a, V]
-    logp = torch.log_softmax(logits, dim=-1)
-    tgt_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # [N, a]
-    rank = (logp > tgt_logp.unsqueeze(-1)).sum(-1)  # [N, a], 0 = the argmax
-    return {
-        "exact": (rank == 0).all(-1).tolist(),
-        "token_acc": (rank == 0).float().mean(-1).tolist(),
-        "logprob": tgt_logp.sum(-1).tolist(),
-        "rank": rank.float().mean(-1).tolist(),
-    }
-
-
-def needle_probe(model: Any, syn: SyntheticConfig, doc_len: tuple[int, int], lengths: list[int],
-                 depths: list[float], trials: int, seed: int, batch: int = 16) -> dict[str, Any]:
-    """Needle accuracy per (length, depth) on haystacks of held-out synthetic documents."""
-    model.eval()
-    alphabet = sorted(set(syn.alphabet.encode("utf-8")))
-    cells = []
-    for length in lengths:
-        for depth in depths:
-            rng = random.Random(f"{seed}-{length}-{depth}")
-            docs = DocumentStream(syn, doc_len, seed=rng.randrange(1 << 30))
-            ctxs, answers, dists = [], [], []
-            for _ in range(trials):
-                key = [rng.choice(alphabet) for _ in range(8)]
-                value = [rng.choice(alphabet) for _ in range(8)]
-                ctx, at = needle_context(docs.take(length), key, value, length, depth)
-                ctxs.append(ctx)
-                answers.append(value)
-                dists.append(length - (at + len(key)))  # query end to the value's start
-            cells.append(_score_cell(model, ctxs, answers, batch) | {
-                "length": length, "depth": depth, "distance": sum(dists) / len(dists)})
-    return {"task": "needle", "trials": trials, "cells": cells}
-
-
-def passkey_probe(model: Any, lengths: list[int], depths: list[float], trials: int, seed: int,
-                  batch: int = 16) -> dict[str, Any]:
-    """Passkey accuracy: ``pass key: NNNNN.`` in a repeated filler, asked with ``pass key: ``."""
-    model.eval()
-    filler = encode(PASSKEY_FILLER)
-    cells = []
-    for length in lengths:
-        for depth in depths:
-            rng = random.Random(f"{seed}-passkey-{length}-{depth}")
-            ctxs, answers = [], []
-            query = encode("pass key: ")
-            for _ in range(trials):
-                digits = encode(f"{rng.randrange(100000):05d}")
-                needle = query + digits + encode(".")
-                hay = (filler * (length // len(filler) + 2))
-                room = length - len(needle) - len(query)
-                at = int(round(depth * room))
-                ctx = hay[:at] + needle + hay[at:room] + query
-                ctxs.append(ctx)
-                answers.append(digits)
-            cells.append(_score_cell(model, ctxs, answers, batch) | {"length": length, "depth": depth})
-    return {"task": "passkey", "trials": trials, "cells": cells}
-
-
-def _score_cell(model: Any, ctxs: list[list[int]], answers: list[list[int]], batch: int) -> dict[str, float]:
-    acc: dict[str, list] = {"exact": [], "token_acc": [], "logprob": [], "rank": []}
-    for i in range(0, len(ctxs), batch):
-        out = score_answers(model, ctxs[i:i + batch], answers[i:i + batch])
-        for k in acc:
-            acc[k] += out[k]
-    n = len(ctxs)
-    return {"accuracy": sum(acc["exact"]) / n, "token_acc": sum(acc["token_acc"]) / n,
-            "logprob": sum(acc["logprob"]) / n, "mean_rank": sum(acc["rank"]) / n}
-
-
-@torch.no_grad()
 def document_loss(model: Any, syn: SyntheticConfig, doc_len: tuple[int, int], window: int,
                   windows: int = 8, seed: int = 777) -> dict[str, float]:
     """How informative the teacher is on the demo's own data: next-token CE, top-1 accuracy
@@ -408,53 +281,32 @@ def document_loss(model: Any, syn: SyntheticConfig, doc_len: tuple[int, int], wi
             "uniform_over_alphabet": math.log(len(set(syn.alphabet)))}
 
 
-def accuracy_grid(probe: dict[str, Any], key: str = "accuracy") -> dict[str, dict[str, float]]:
-    """{length: {depth: value}} for tables and heatmaps."""
-    grid: dict[str, dict[str, float]] = {}
-    for c in probe["cells"]:
-        grid.setdefault(str(c["length"]), {})[f"{c['depth']:g}"] = round(c[key], 4)
-    return grid
+def probe_teacher(model: Any, syn: SyntheticConfig, doc_len: tuple[int, int], lengths: list[int],
+                  depths: list[float], trials: int, seed: int, tasks: tuple[str, ...] = TASKS) -> dict[str, Any]:
+    """``posdistill eval``'s probes (haystack: held-out synthetic documents of ``seed``) scored
+    like any model's: {task: eval.json's grid of exact, token_acc, logprob, rank, distance}."""
+    model.eval()
+    tok = build_byte_tokenizer()
+    hay = Haystack(DataConfig(synthetic=syn), tok, doc_len, seed, max(lengths) * max(trials, 4))
+    out = {}
+    for task in tasks:
+        probes = build_probes(task, tok, lengths, depths, trials, seed, haystack=hay, alphabet=syn.alphabet)
+        g = grid(probes, score_probes(model, probes, batch_tokens=16384), lengths, depths)
+        g["effective_length"] = effective_length(g["lengths"], g["exact"], EVAL_THRESHOLD)
+        out[task] = g
+    return out
 
 
-def save_heatmap(probe: dict[str, Any], path: Path, title: str,
-                 holdout: list[tuple[int, int]] | None = None) -> None:
-    """Depth x length heatmap of exact match, each cell annotated with exact match and the
-    per-token accuracy; cells whose distance lies in a held-out band are starred."""
-    from stages.evaluate.report import pyplot
-
-    plt = pyplot()
-    lengths = sorted({c["length"] for c in probe["cells"]})
-    depths = sorted({c["depth"] for c in probe["cells"]})
-    grid = [[0.0] * len(lengths) for _ in depths]
-    notes = [[""] * len(lengths) for _ in depths]
-    for c in probe["cells"]:
-        i, j = depths.index(c["depth"]), lengths.index(c["length"])
-        grid[i][j] = c["accuracy"]
-        held = any(lo <= c.get("distance", -1) <= hi for lo, hi in holdout or [])
-        notes[i][j] = f"{c['accuracy']:.2f}{'*' if held else ''}\n{c['token_acc']:.2f}"
-    fig, ax = plt.subplots(figsize=(1.3 * len(lengths) + 2.5, 0.55 * len(depths) + 1.8))
-    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth (0 = farthest from the query)")
-    ax.set_title(title, fontsize=8)
-    for i, row in enumerate(notes):
-        for j, text in enumerate(row):
-            ax.text(j, i, text, ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=ax, label="exact match (top) / per-token accuracy (below)")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+def accuracy_grid(g: dict[str, Any], key: str = "exact") -> dict[str, dict[str, float]]:
+    """{length: {depth: value}} of one metric of a probe grid, for tables."""
+    return {str(L): {f"{d:g}": round(g[key][i][j], 4) for i, d in enumerate(g["depths"])}
+            for j, L in enumerate(g["lengths"])}
 
 
 def heatmap_title(boot: BootstrapConfig, trained_max: int) -> str:
     bands = ", ".join(f"{lo}-{hi}" for lo, hi in boot.holdout_distances)
-    return (f"bootstrapped teacher: needle in held-out documents, {boot.probe.trials} trials/cell\n"
-            f"trained copy distances <= {trained_max}"
-            + (f"; * = distance in held-out band {bands} (never trained)" if bands else ""))
+    return (f"bootstrapped teacher, {boot.probe.trials} trials/cell; trained copy distances <= {trained_max}"
+            + (f" except {bands}" if bands else ""))
 
 
 # ----------------------------------------------------------------------------- training
@@ -481,14 +333,17 @@ def _phase_settings(boot: BootstrapConfig, phase: BootstrapPhase) -> dict[str, A
 
 def train_teacher(spec: BootstrapSpec, log: list[dict[str, Any]] | None = None, progress: bool = True,
                   callback: Callable[[Any, int, int], None] | None = None) -> Any:
-    """Train the teacher phase by phase; returns the model (config holds the last theta)."""
+    """Train the teacher phase by phase; returns the model (config holds the last theta).
+
+    A plain AdamW loop in one process rather than ``stages.train``'s step: that one drives a
+    DeepSpeed engine on KD targets from the teacher cache and all-reduces across ranks; the
+    teacher learns from labels alone, on the CPU."""
     boot = spec.boot
     assert boot is not None
     if boot.threads:
         torch.set_num_threads(boot.threads)
-    torch.manual_seed(boot.seed)
     max_window = max(p.window_len for p in boot.phases)
-    model = build_model(boot, boot.phases[0].rope_theta, max_window)
+    model = fresh_model(llama_config(boot, BYTE_VOCAB_SIZE, max_window, build_byte_tokenizer()), boot.seed, "sdpa")
     opt = torch.optim.AdamW(model.parameters(), lr=boot.lr, weight_decay=boot.weight_decay,
                             betas=(0.9, 0.98))
     syn = spec.synthetic
@@ -502,7 +357,7 @@ def train_teacher(spec: BootstrapSpec, log: list[dict[str, Any]] | None = None, 
         if s["min_period"] > s["max_period"]:
             raise UserError(f"teacher.bootstrap.phases[{index}]: min_period {s['min_period']} "
                             f"is larger than max_period {s['max_period']}")
-        set_rope_theta(model, s["rope_theta"], max_window)
+        apply_rope(model, {"rope_type": "default", "rope_theta": float(s["rope_theta"])}, s["window_len"])
         sampler = PhaseSampler(
             window=s["window_len"], min_p=s["min_period"], max_p=s["max_period"],
             max_distance=s["max_distance"],
@@ -569,10 +424,8 @@ def run_bootstrap(spec: BootstrapSpec, out: str | Path, progress: bool = True) -
     model = train_teacher(spec, log, progress=progress)
     train_s = time.monotonic() - t0
     t1 = time.monotonic()
-    probe = needle_probe(model, spec.synthetic, spec.doc_len, boot.probe.lengths,
-                         boot.probe.depths, boot.probe.trials, boot.probe.seed)
-    passkey = passkey_probe(model, boot.probe.lengths, boot.probe.depths, boot.probe.trials,
-                            boot.probe.seed)
+    probes = probe_teacher(model, spec.synthetic, spec.doc_len, boot.probe.lengths, boot.probe.depths,
+                           boot.probe.trials, boot.probe.seed)
     documents = document_loss(model, spec.synthetic, spec.doc_len,
                               max(p.window_len for p in boot.phases))
     probe_s = time.monotonic() - t1
@@ -588,12 +441,11 @@ def run_bootstrap(spec: BootstrapSpec, out: str | Path, progress: bool = True) -
         "train_seconds": round(train_s, 1),
         "probe_seconds": round(probe_s, 1),
         "max_trained_copy_distance": trained_max,
-        "needle_accuracy": accuracy_grid(probe),
-        "needle_token_accuracy": accuracy_grid(probe, "token_acc"),
-        "passkey_accuracy": accuracy_grid(passkey),
+        "needle_accuracy": accuracy_grid(probes["needle"]),
+        "needle_token_accuracy": accuracy_grid(probes["needle"], "token_acc"),
+        "passkey_accuracy": accuracy_grid(probes["passkey"]),
         "documents": documents,
-        "needle": probe,
-        "passkey": passkey,
+        **probes,
         "log": log,
         "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version()},
@@ -601,18 +453,9 @@ def run_bootstrap(spec: BootstrapSpec, out: str | Path, progress: bool = True) -
     with atomic_dir(final) as tmp:
         model.save_pretrained(tmp)
         build_byte_tokenizer().save_pretrained(tmp)
-        save_heatmap(probe, tmp / HEATMAP_FILE, heatmap_title(boot, trained_max),
-                     [tuple(b) for b in boot.holdout_distances])
+        save_heatmap({"name": heatmap_title(boot, trained_max), "tasks": probes}, tmp / HEATMAP_FILE)
         atomic_write_json(tmp / META_FILE, meta)
     return final
-
-
-def load_teacher(path: str | Path) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
-    model.eval()
-    return model
 
 
 def summary_lines(meta: dict[str, Any]) -> Iterator[str]:
@@ -630,25 +473,18 @@ def summary_lines(meta: dict[str, Any]) -> Iterator[str]:
 def markdown_tables(meta: dict[str, Any]) -> str:
     """bootstrap.json's grids as Markdown (rows: depth, columns: length, distance in brackets),
     so the numbers in docs/teacher.md are pasted from a run, never typed by hand."""
-    dist = {(str(c["length"]), f"{c['depth']:g}"): c["distance"] for c in meta["needle"]["cells"]}
     bands = meta["config"].get("holdout_distances", [])
     out = []
-    for title, key in (("needle exact match", "needle_accuracy"),
-                       ("needle per-token accuracy (teacher forcing)", "needle_token_accuracy"),
-                       ("passkey exact match", "passkey_accuracy")):
-        grid = meta[key]
-        lengths = sorted(grid, key=int)
-        depths = list(grid[lengths[0]])
-        out += [f"**{title}**", "", "| depth | " + " | ".join(lengths) + " |",
-                "|---|" + "---|" * len(lengths)]
-        for d in depths:
-            cells = []
-            for L in lengths:
-                far = dist.get((L, d), 0)
-                held = any(lo <= far <= hi for lo, hi in bands)
-                cell = f"{grid[L][d]:.2f} ({far:.0f})"
-                cells.append(f"*{cell}*" if held else cell)
-            out.append(f"| {d} | " + " | ".join(cells) + " |")
+    for title, task, metric in (("needle exact match", "needle", "exact"),
+                                ("needle per-token accuracy (teacher forcing)", "needle", "token_acc"),
+                                ("passkey exact match", "passkey", "exact")):
+        g = meta[task]
+        out += [f"**{title}**", "", "| depth | " + " | ".join(map(str, g["lengths"])) + " |",
+                "|---|" + "---|" * len(g["lengths"])]
+        for d, values, far in zip(g["depths"], g[metric], g["distance"]):
+            cells = [f"{v:.2f} ({f:.0f})" for v, f in zip(values, far)]
+            cells = [f"*{c}*" if any(lo <= f <= hi for lo, hi in bands) else c for c, f in zip(cells, far)]
+            out.append(f"| {d:g} | " + " | ".join(cells) + " |")
         out.append("")
     if bands:
         out.append(f"(distance to the needle in brackets; *italic*: inside a held-out band {bands}, "
@@ -664,8 +500,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 __all__ = [
-    "build_model", "set_rope_theta", "periodic_row", "spans_row", "needle_row", "needle_context",
-    "DistanceSampler", "needle_probe", "passkey_probe", "document_loss", "score_answers",
-    "train_teacher", "run_bootstrap", "load_teacher", "accuracy_grid", "save_heatmap",
-    "summary_lines", "markdown_tables", "read_meta",
+    "periodic_row", "spans_row", "needle_row", "DistanceSampler", "PhaseSampler", "probe_teacher",
+    "document_loss", "train_teacher", "run_bootstrap", "accuracy_grid", "summary_lines", "markdown_tables",
+    "read_meta",
 ]

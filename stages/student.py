@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import StudentArch
 from pipeline.errors import UserError
 from pipeline.locate import is_remote, local_path
 from stages.specs import TrainSpec
@@ -63,28 +64,40 @@ def student_config(spec: TrainSpec) -> tuple[Any, bool]:
             raise UserError(f"student.init: cannot read '{scfg.init}': {str(err).splitlines()[0][:300]}") from None
         check_vocab(student_vocab_size(mcfg), spec, f"student.init ({scfg.init})")
         return mcfg, False
-    from transformers import LlamaConfig
-
     from stages.tokenizer import load_tokenizer
 
-    arch = scfg.config
     vocab, _ = teacher_vocab_size(spec)
-    tok = load_tokenizer(spec.tokenizer)
-    first_window = spec.phases[0].window_len
-    mcfg = LlamaConfig(
-        vocab_size=vocab,
+    return llama_config(scfg.config, vocab, spec.phases[0].window_len, load_tokenizer(spec.tokenizer)), True
+
+
+def llama_config(arch: StudentArch, vocab_size: int, max_positions: int, tok: Any) -> Any:
+    """The LlamaConfig of a model built from scratch: a ``student.config`` student, or the
+    bootstrapped teacher (``teacher.bootstrap`` has a student's sizes)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
         hidden_size=arch.hidden_size,
         intermediate_size=arch.intermediate_size or 4 * arch.hidden_size,
         num_hidden_layers=arch.num_hidden_layers,
         num_attention_heads=arch.num_attention_heads,
         num_key_value_heads=arch.num_key_value_heads or arch.num_attention_heads,
         head_dim=arch.head_dim or arch.hidden_size // arch.num_attention_heads,
-        max_position_embeddings=first_window,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=arch.tie_word_embeddings,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         use_cache=False,
     )
-    return mcfg, True
+
+
+def fresh_model(model_config: Any, seed: int, attn: str | None) -> Any:
+    """A float32 model initialised from ``seed`` (the global torch RNG)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model_config._attn_implementation = attn
+    return AutoModelForCausalLM.from_config(model_config, dtype=torch.float32, attn_implementation=attn)
 
 
 def build_student(spec: TrainSpec, model_config: Any | None = None) -> tuple[Any, bool]:
@@ -98,9 +111,7 @@ def build_student(spec: TrainSpec, model_config: Any | None = None) -> tuple[Any
     mcfg, fresh = (model_config, scfg.init is None) if model_config is not None else student_config(spec)
     attn = implementation(scfg.attn_implementation)
     if fresh:
-        torch.manual_seed(spec.seed)
-        mcfg._attn_implementation = attn
-        model = AutoModelForCausalLM.from_config(mcfg, dtype=torch.float32, attn_implementation=attn)
+        model = fresh_model(mcfg, spec.seed, attn)
     else:
         try:
             path = local_path(scfg.init, "student.init", "model", remote_code=scfg.trust_remote_code)

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+import torch
+from torch import nn
+
+from stages.tokenizer import BYTE_VOCAB_SIZE
 
 
 def make_tiny_llama(dir: str | Path, seed: int = 0, **overrides: Any) -> Path:
@@ -137,3 +143,44 @@ def planted_tree(dest: Path) -> Path:
     (dest / "configs" / "link.yaml").symlink_to(dest / ".env")
     (dest / PLANTED_MARKER).write_text("marker: true\n")
     return dest
+
+
+class InductionBody(nn.Module):
+    """Exact induction, computed rather than learned: at each position predict the token that
+    followed the most recent earlier occurrence of the longest suffix (up to ``max_n``) ending
+    there. Hidden state = a scaled one-hot of that prediction, so ``lm_head`` = identity."""
+
+    def __init__(self, vocab: int, max_n: int = 24):
+        super().__init__()
+        self.vocab, self.max_n = vocab, max_n
+        self.dummy = nn.Parameter(torch.zeros(()))  # gives the module a device
+
+    def _predict(self, seq: list[int]) -> list[int]:
+        last: list[dict[tuple, int]] = [dict() for _ in range(self.max_n + 1)]
+        preds = []
+        for t in range(len(seq)):
+            pred = 0
+            for n in range(min(self.max_n, t + 1), 0, -1):
+                s = last[n].get(tuple(seq[t - n + 1:t + 1]))
+                if s is not None:
+                    pred = seq[s + 1]
+                    break
+            preds.append(pred)
+            for n in range(1, min(self.max_n, t + 1) + 1):
+                last[n][tuple(seq[t - n + 1:t + 1])] = t
+        return preds
+
+    def forward(self, input_ids, position_ids=None, use_cache=False, **kwargs):
+        preds = torch.tensor([self._predict(row) for row in input_ids.tolist()])  # [B, T]
+        return SimpleNamespace(last_hidden_state=10.0 * nn.functional.one_hot(preds, self.vocab).float())
+
+
+class InductionLM(nn.Module):
+    """A perfect copier with a body and an lm_head, scored like any causal LM."""
+
+    def __init__(self, vocab: int = BYTE_VOCAB_SIZE):
+        super().__init__()
+        self.model = InductionBody(vocab)
+        self.lm_head = nn.Linear(vocab, vocab, bias=False)
+        with torch.no_grad():
+            self.lm_head.weight.copy_(torch.eye(vocab))

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
-
+import numpy as np
 import pytest
 import torch
 
@@ -14,33 +13,20 @@ from pipeline.config import SyntheticConfig, parse_config
 from pipeline.errors import UserError
 from pipeline.resolve import bootstrap_spec
 from stages import bootstrap as B
+from stages.evaluate.models import load_model
+from stages.rope import apply_rope
+from stages.student import fresh_model, llama_config
+from stages.tokenizer import BYTE_VOCAB_SIZE, build_byte_tokenizer
+
+from helpers import InductionLM
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "configs" / "teacher-tiny"
 
 
-class InductionOracle(torch.nn.Module):
-    """A perfect copier: predicts the token that followed the last earlier occurrence of the
-    n-gram ending here (uniform when there is none). Scores 1.0 on a correct probe."""
-
-    def __init__(self, n: int = 8, vocab: int = 260):
-        super().__init__()
-        self.n, self.vocab = n, vocab
-
-    def forward(self, input_ids, position_ids=None, logits_to_keep=0, **_):
-        n_rows, length = input_ids.shape
-        logits = torch.zeros(n_rows, length, self.vocab)
-        for b in range(n_rows):
-            ids = input_ids[b].tolist()
-            last: dict[tuple, int] = {}
-            for t in range(length):
-                gram = tuple(ids[max(0, t - self.n + 1):t + 1])
-                if len(gram) == self.n and gram in last and last[gram] + 1 < length:
-                    logits[b, t, ids[last[gram] + 1]] = 10.0
-                if len(gram) == self.n:
-                    last[gram] = t
-        keep = logits[:, -logits_to_keep:] if logits_to_keep else logits
-        return SimpleNamespace(logits=keep)
+def fresh_teacher(boot, max_positions: int, seed: int = 0):
+    """A teacher as train_teacher builds it, before any training."""
+    return fresh_model(llama_config(boot, BYTE_VOCAB_SIZE, max_positions, build_byte_tokenizer()), seed, "sdpa")
 
 
 def tiny_cfg(tmp_path: Path, **boot):
@@ -73,7 +59,11 @@ def test_few_steps_make_a_loadable_teacher_with_last_theta(tmp_path: Path) -> No
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert tok("ab")["input_ids"][-2:] == [97, 98]
     meta = json.loads((out / B.META_FILE).read_text())
-    assert set(meta["needle_accuracy"]) == {"64", "128"}
+    assert set(meta["needle_accuracy"]) == {"64", "128"} and set(meta["passkey_accuracy"]) == {"64", "128"}
+    # The probes are the eval's grids ([depth][length]), read back by the summaries.
+    assert meta["needle"]["lengths"] == [64, 128] and meta["needle"]["depths"] == [0.0, 1.0]
+    assert len(list(B.summary_lines(meta))) == 2 * (2 + 2)
+    assert B.markdown_tables(meta).count("| 0 | ") == 3
     assert meta["documents"]["window"] == 128 and meta["documents"]["ce"] > 0
     assert [e["phase"] for e in meta["log"] if e.get("done")] == [0, 1]
     assert meta["max_trained_copy_distance"] == 128  # max_distance defaults to the window
@@ -81,45 +71,32 @@ def test_few_steps_make_a_loadable_teacher_with_last_theta(tmp_path: Path) -> No
     assert not list(tmp_path.glob(".teacher.tmp-*"))  # nothing half-written left behind
 
 
-def test_set_rope_theta_changes_the_forward(tmp_path: Path) -> None:
+def test_apply_rope_changes_the_teachers_forward(tmp_path: Path) -> None:
     cfg = tiny_cfg(tmp_path).teacher.bootstrap
-    torch.manual_seed(0)
-    model = B.build_model(cfg, 1e4, 128).eval()
+    model = fresh_teacher(cfg, 128).eval()
     ids = torch.randint(0, 256, (1, 64))
     with torch.no_grad():
         before = model(input_ids=ids).logits
-        B.set_rope_theta(model, 1e6, 128)
+        apply_rope(model, {"rope_type": "default", "rope_theta": 1e6}, 128)
         after = model(input_ids=ids).logits
     assert model.config.rope_parameters == {"rope_type": "default", "rope_theta": 1e6}
     assert not torch.allclose(before, after)
 
 
-def test_needle_context_bookkeeping() -> None:
-    hay = list(range(1000, 2000))
-    key, value = [1, 2, 3], [4, 5]
-    for depth in (0.0, 0.5, 1.0):
-        ctx, at = B.needle_context(hay, key, value, 100, depth)
-        assert len(ctx) == 100 and ctx[-3:] == key
-        assert ctx[at:at + 5] == key + value
-        assert at == round(depth * (100 - 8))
-    # Depth 0 puts the needle first: the farthest distance from the query.
-    assert B.needle_context(hay, key, value, 100, 0.0)[0][:5] == key + value
-
-
 def test_probe_scores_perfect_copier_and_random_model(tmp_path: Path) -> None:
     syn = SyntheticConfig()
-    oracle = B.needle_probe(InductionOracle(), syn, (64, 256), [128, 256], [0.0, 0.5, 1.0],
-                            trials=4, seed=7)
-    assert all(c["accuracy"] == 1.0 and c["mean_rank"] == 0 for c in oracle["cells"])
-    assert oracle["cells"][0]["distance"] > oracle["cells"][-1]["distance"]
-    passkey = B.passkey_probe(InductionOracle(n=6), [128], [0.0, 1.0], trials=3, seed=7)
-    assert all(c["accuracy"] == 1.0 for c in passkey["cells"])
+    oracle = B.probe_teacher(InductionLM(), syn, (64, 256), [128, 256], [0.0, 0.5, 1.0], trials=4, seed=7)
+    needle = oracle["needle"]
+    assert np.all(np.asarray(needle["exact"]) == 1.0) and np.all(np.asarray(needle["rank"]) == 0)
+    assert needle["distance"][0][0] > needle["distance"][-1][-1]  # (128, depth 0) vs (256, depth 1)
+    assert np.all(np.asarray(oracle["passkey"]["exact"]) == 1.0)
+    assert B.accuracy_grid(needle) == {"128": {"0": 1.0, "0.5": 1.0, "1": 1.0},
+                                       "256": {"0": 1.0, "0.5": 1.0, "1": 1.0}}
 
-    torch.manual_seed(0)
-    rand = B.build_model(tiny_cfg(tmp_path).teacher.bootstrap, 1e4, 256).eval()
-    probe = B.needle_probe(rand, syn, (64, 256), [128], [0.0, 0.5], trials=8, seed=7)
-    assert all(c["accuracy"] == 0.0 for c in probe["cells"])
-    assert all(c["token_acc"] < 0.3 for c in probe["cells"])
+    rand = fresh_teacher(tiny_cfg(tmp_path).teacher.bootstrap, 256).eval()
+    probe = B.probe_teacher(rand, syn, (64, 256), [128], [0.0, 0.5], trials=8, seed=7, tasks=("needle",))["needle"]
+    assert np.all(np.asarray(probe["exact"]) == 0.0)
+    assert np.all(np.asarray(probe["token_acc"]) < 0.3)
 
 
 def test_periodic_row_labels_start_after_first_period() -> None:
@@ -166,15 +143,15 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
 
 def test_committed_teacher_retrieves_at_demo_window() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model = B.load_teacher(COMMITTED)
+    model = load_model(COMMITTED, device="cpu").model
     meta = B.read_meta(COMMITTED)
     assert model.config.rope_parameters["rope_theta"] == meta["rope_parameters"]["rope_theta"]
     syn = SyntheticConfig.model_validate(meta["synthetic"])
     # Depth 0 at 1024: the needle sits ~1000 tokens back, beyond every trained copy distance.
     # Depth 0.1 at 1024: the needle ~900 tokens back; 0.5: ~500, inside the held-out band.
-    probe = B.needle_probe(model, syn, tuple(meta["doc_len"]), [1024], [0.1, 0.5], trials=8,
-                           seed=2024)
-    acc = {c["depth"]: c["token_acc"] for c in probe["cells"]}
+    probe = B.probe_teacher(model, syn, tuple(meta["doc_len"]), [1024], [0.1, 0.5], trials=8, seed=2024,
+                            tasks=("needle",))["needle"]
+    acc = {d: row[0] for d, row in zip(probe["depths"], probe["token_acc"])}
     assert acc[0.1] >= 0.6 and acc[0.5] >= 0.5, acc  # chance is 1/26 per token
     # Informative on the demo's own documents: far below uniform over the alphabet (3.26 nats).
     docs = B.document_loss(model, syn, tuple(meta["doc_len"]), 1024, windows=2)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from torch import nn
 
 from pipeline.config import parse_config
 from pipeline.resolve import eval_spec
@@ -20,46 +18,9 @@ from stages.evaluate.run import run_eval
 from stages.evaluate.tasks import Haystack, build_probes
 from stages.tokenizer import BYTE_VOCAB_SIZE, build_byte_tokenizer
 
+from helpers import InductionLM
+
 BOS = 257
-
-
-class InductionBody(nn.Module):
-    """Exact induction, computed rather than learned: at each position predict the token that
-    followed the most recent earlier occurrence of the longest suffix (up to ``max_n``) ending
-    there. Hidden state = a scaled one-hot of that prediction, so ``lm_head`` = identity."""
-
-    def __init__(self, vocab: int, max_n: int = 24):
-        super().__init__()
-        self.vocab, self.max_n = vocab, max_n
-        self.dummy = nn.Parameter(torch.zeros(()))  # gives the module a device
-
-    def _predict(self, seq: list[int]) -> list[int]:
-        last: list[dict[tuple, int]] = [dict() for _ in range(self.max_n + 1)]
-        preds = []
-        for t in range(len(seq)):
-            pred = 0
-            for n in range(min(self.max_n, t + 1), 0, -1):
-                s = last[n].get(tuple(seq[t - n + 1:t + 1]))
-                if s is not None:
-                    pred = seq[s + 1]
-                    break
-            preds.append(pred)
-            for n in range(1, min(self.max_n, t + 1) + 1):
-                last[n][tuple(seq[t - n + 1:t + 1])] = t
-        return preds
-
-    def forward(self, input_ids, position_ids=None, use_cache=False, **kwargs):
-        preds = torch.tensor([self._predict(row) for row in input_ids.tolist()])  # [B, T]
-        return SimpleNamespace(last_hidden_state=10.0 * nn.functional.one_hot(preds, self.vocab).float())
-
-
-class InductionLM(nn.Module):
-    def __init__(self, vocab: int = BYTE_VOCAB_SIZE):
-        super().__init__()
-        self.model = InductionBody(vocab)
-        self.lm_head = nn.Linear(vocab, vocab, bias=False)
-        with torch.no_grad():
-            self.lm_head.weight.copy_(torch.eye(vocab))
 
 
 def tiny_llama(seed: int = 0, layers: int = 2):
@@ -115,6 +76,20 @@ def test_probe_formats(tok, tmp_path):
         d0 = [p.distance for p in probes if p.depth == 0.0 and p.length == 128]
         d1 = [p.distance for p in probes if p.depth == 1.0 and p.length == 128]
         assert min(d0) > max(d1)
+
+
+def test_needle_bookkeeping_is_exact(tok, tmp_path):
+    """BOS, then the haystack with key + value at round(depth * room), then the key; the
+    distance runs from the value's first token to the context's end."""
+    hay = Haystack(make_cfg(tmp_path).data, tok, (16, 48), seed=4, min_tokens=1000)
+    for p in build_probes("needle", tok, [100], [0.0, 0.5, 1.0], 2, seed=4, haystack=hay):
+        key, room = p.context[-8:], 100 - 1 - 16 - 8
+        at = 1 + round(p.depth * room)
+        assert len(p.context) == 100 and p.context[0] == BOS
+        assert p.context[at:at + 16] == key + p.answer
+        assert p.distance == 100 - (at + 8)
+        if p.depth == 0.0:  # the needle first: the farthest distance from the query
+            assert p.context[1:17] == key + p.answer
 
 
 def test_perfect_copier_scores_100_and_random_model_near_chance(tok, tmp_path):
