@@ -252,11 +252,10 @@ def _analysis_comparisons(students: list[TrainSpec], arm_of: dict[str, str], ana
                 lines.append(f"| {v} | {cols[0][i]} | {cols[1][i]} | {cols[2][i]} |")
         lines.append("")
         comps = []
-        for title, metric, c in (("query states, long − short λ, (a) − control", "relative change", c_rel),
-                                 ("query states, long − short λ, (a) − control", "absolute change", c_abs),
-                                 ("W_q, long − short λ, (a) − control", "relative change", c_w),
-                                 ("query states, long − short λ, (b) − control", "relative change", c_rel)):
-            arm = "ce_raised" if "(b)" in title else "kd_raised"
+        for title, metric, c, arm in (("query states, long − short λ, (a) − control", "relative change", c_rel, "kd_raised"),
+                                      ("query states, long − short λ, (a) − control", "absolute change", c_abs, "kd_raised"),
+                                      ("W_q, long − short λ, (a) − control", "relative change", c_w, "kd_raised"),
+                                      ("query states, long − short λ, (b) − control", "relative change", c_rel, "ce_raised")):
             ga = [c[n] for n in by_arm.get(arm, []) if n in c]
             gb = [c[n] for n in by_arm.get("control", []) if n in c]
             if ga and gb:
