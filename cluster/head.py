@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -301,6 +302,16 @@ def _is_gcs(p) -> bool:
         return False
 
 
+_TEMP_DIR = re.compile(r"^/tmp/posdistill-ray-[0-9]+(-w[0-9]+)?$")
+
+
+def _remove_temp_dir(d: str) -> None:
+    """Remove a Ray temp dir this module named (``/tmp/posdistill-ray-<port>[-w<i>]``); a state
+    file naming any other directory was not written by us and deletes nothing."""
+    if _TEMP_DIR.match(d):
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def worker_down(index: int, state_dir: Path = STATE_DIR, timeout: float = 20.0) -> int:
     """Stop worker node ``index`` alone (to Ray, a lost node); returns how many processes were stopped."""
     info = read_state(state_dir)
@@ -311,7 +322,7 @@ def worker_down(index: int, state_dir: Path = STATE_DIR, timeout: float = 20.0) 
                         " (`posdistill cluster up --nodes N` starts nodes 1..N-1; the head is node 0)"))
     n = _stop(_worker_processes(w), timeout)
     _save(state_dir, info, drop=index)
-    shutil.rmtree(w.temp_dir, ignore_errors=True)
+    _remove_temp_dir(w.temp_dir)
     return n
 
 
@@ -327,7 +338,7 @@ def head_down(state_dir: Path = STATE_DIR, timeout: float = 20.0) -> int:
     n += _stop([p for p in procs if _is_gcs(p)], timeout)
     _state_file(state_dir).unlink(missing_ok=True)
     for d in [info.temp_dir, *(w.temp_dir for w in info.workers)]:
-        shutil.rmtree(d, ignore_errors=True)
+        _remove_temp_dir(d)
     return n
 
 

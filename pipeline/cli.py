@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.atomic import check_output_dir
 from pipeline.config import load_config
 from pipeline.errors import Stopped, UserError, storage_error
 
@@ -231,7 +232,9 @@ def bootstrap(config: str, out: str | None) -> None:
     from stages.bootstrap import read_meta, run_bootstrap, summary_lines
 
     cfg = load_config(config)
-    final = run_bootstrap(bootstrap_spec(cfg), Path(out) if out else bootstrap_dir(cfg))
+    dest = Path(out) if out else bootstrap_dir(cfg)
+    check_output_dir(dest, "bootstrap")  # before minutes of training, not after
+    final = run_bootstrap(bootstrap_spec(cfg), dest)
     meta = read_meta(final)
     click.echo(f"teacher saved to {final} (train {meta['train_seconds']}s, "
                f"rope_theta {meta['rope_parameters']['rope_theta']:g})")
@@ -261,12 +264,14 @@ def eval_cmd(config: str, models: tuple[str, ...], out: str | None) -> None:
     from stages.evaluate.run import run_eval
     from stages.pack import run_pack
 
+    dest = Path(out) if out else cfg.out_dir / "eval" / "models"
+    check_output_dir(dest, "eval")
     spec = eval_spec(cfg)
     heldout = None
     if spec.eval.loss_windows > 0:
         hspec = spec.heldout_pack(spec.eval.loss_window_len or max(spec.eval.lengths))
         heldout = run_pack(hspec, layout(cfg).pack_dir(hspec), verbose=False)
-    run_eval(spec, list(models), Path(out) if out else cfg.out_dir / "eval" / "models", heldout_dir=heldout)
+    run_eval(spec, list(models), dest, heldout_dir=heldout)
 
 
 @cli.group()
@@ -286,8 +291,9 @@ def analyze_perturb(config: str, model: str, out: str | None) -> None:
     from stages.evaluate.report import safe_name
 
     cfg = load_config(config)
-    run_perturb(analyze_spec(cfg), model,
-                Path(out) if out else cfg.out_dir / "analyze" / f"perturb-{safe_name(Path(model).name)}")
+    dest = Path(out) if out else cfg.out_dir / "analyze" / f"perturb-{safe_name(Path(model).name)}"
+    check_output_dir(dest, "analyze")
+    run_perturb(analyze_spec(cfg), model, dest)
 
 
 @analyze.command("query-spans")
@@ -306,6 +312,7 @@ def analyze_query_spans(before: str, after: str, windows: str | None, config: st
     qs = cfg.analyze.query_spans if cfg else None
     marks = parse_windows(windows) or (sorted(set(qs.windows)) if qs and qs.windows else None)
     dest = Path(out) if out else (cfg.out_dir if cfg else Path(".")) / "analyze" / "query_spans"
+    check_output_dir(dest, "analyze")
     run_query_spans(before, after, marks, qs.top if qs else 5, dest)
 
 
@@ -415,7 +422,6 @@ def train(config: str, address: str | None, workers: int | None, resume: bool, s
     --workers ranks on each of --nnodes machines; with --nnodes > 1, run.out_dir must be a
     directory every machine shares (checkpoints are written from all of them)."""
     from cluster.launch import Rendezvous
-    from pipeline.fingerprint import fingerprint
     from pipeline.graph import build_graph, is_done
     from pipeline.storage import remote_for
     from stages.train.checkpoint import intact_tags
@@ -429,7 +435,7 @@ def train(config: str, address: str | None, workers: int | None, resume: bool, s
         for n in nodes:
             if (remote := remote_for(n.locate())) is not None:
                 remote.pull()
-            if n.stage == "train" and not is_done(n, n.locate(), fingerprint(n.identity())) \
+            if n.stage == "train" and not is_done(n, n.locate(), n.ident()) \
                     and not intact_tags(n.locate() / "checkpoints"):
                 raise UserError(f"--resume: {n.name}: no complete, intact checkpoint under "
                                 f"{n.locate() / 'checkpoints'}")
@@ -454,6 +460,7 @@ def export(ckpt: str, out: str, dtype: str) -> None:
     if not local.is_dir():
         raise UserError(f"{ckpt}: no such checkpoint directory")
     if not is_remote(out):
+        check_output_dir(out, "export", keep=(local,))
         click.echo(f"export: wrote {export_checkpoint(local, out, dtype=dtype)}")
         return
     target = Remote(out)

@@ -32,22 +32,34 @@ def _listed(v: Any) -> Any:
 Pair = Annotated[tuple[int, int], BeforeValidator(_listed)]
 FloatPair = Annotated[tuple[float, float], BeforeValidator(_listed)]
 Range = Annotated[Pair, AfterValidator(_ordered)]  # [min, max], 1 <= min <= max
+
+
+def _betas(v: tuple[float, float]) -> tuple[float, float]:
+    if not all(0.0 <= b < 1.0 for b in v):
+        raise ValueError("each must be in [0, 1)")
+    return v
 AttnBackend = Literal["sdpa", "eager", "flash_attention_2", "flex_attention"]  # stages/attention.py
+# Names become path parts (<out_dir>/train/<name>-<fp>, analyze/perturb-<label>): a letter or
+# digit first, then letters, digits, '_', '.', '-' — no '/', no '..', nothing absolute.
+Name = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+# numpy's generators take seeds in [0, 2**32); torch's up to 2**64: the narrower range for both.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
 
 
 class Strict(BaseModel):
-    """Unknown keys and coerced values are errors: YAML's `true` is not a seed, `"8"` is not k."""
+    """Unknown keys and coerced values are errors: YAML's `true` is not a seed, `"8"` is not k,
+    and `.inf`/`.nan` are not numbers in a range."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------- run / data / pack
 
 
 class RunConfig(Strict):
-    name: str = "posdistill"
+    name: Name = "posdistill"
     out_dir: str = "runs/posdistill"
-    seed: int = 0
+    seed: Seed = 0
 
 
 class SyntheticConfig(Strict):
@@ -216,7 +228,7 @@ class BootstrapProbe(Strict):
     lengths: list[int] = Field(default_factory=lambda: [256, 512, 768, 1024])
     depths: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
     trials: int = Field(32, gt=0)
-    seed: int = 1_000_003  # haystack documents: never the training seed
+    seed: Seed = 1_000_003  # haystack documents: never the training seed
 
     @field_validator("depths")
     @classmethod
@@ -247,7 +259,7 @@ class BootstrapConfig(StudentArch):
     # (data.synthetic.alphabet) or literal characters.
     alphabets: list[str] = Field(default_factory=lambda: ["bytes"], min_length=1)
     mix: BootstrapTaskMix = BootstrapTaskMix()
-    seed: int = 0
+    seed: Seed = 0
     threads: int | None = Field(None, gt=0)  # torch threads; default: torch's choice
     probe: BootstrapProbe = BootstrapProbe()
 
@@ -267,6 +279,9 @@ class BootstrapConfig(StudentArch):
 
 class TeacherConfig(Strict):
     model: str | None = None  # a Hugging Face model directory, or a Hub id "org/name[@revision]"
+    # The tokenizer the teacher reads ('byte' or a directory / Hub id); default: the tokenizer
+    # files beside its weights. data.tokenizer must be the same tokenizer (checked by encoding).
+    tokenizer: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gpus_per_actor: float = Field(1.0, ge=0)  # used only when the cluster has GPUs
     num_actors: int | None = Field(None, gt=0)  # default: as many as the cluster fits
@@ -306,7 +321,7 @@ class CacheConfig(Strict):
 class StudentConfig(Strict):
     init: str | None = None  # a Hugging Face model directory, or a Hub id "org/name[@revision]"
     config: StudentArch | None = None
-    name: str | None = None  # run directory <run.out_dir>/train/<name>; default "student"
+    name: Name | None = None  # run directory <run.out_dir>/train/<name>; default "student"
     attn_implementation: AttnBackend = "sdpa"  # see docs/train.md "Attention backends"
     trust_remote_code: bool = False  # only for student.init
 
@@ -361,7 +376,7 @@ class PhaseConfig(Strict):
     """One training phase: its window, RoPE, steps, and optional KD/data overrides.
     ``kd.alpha: 0`` trains on packed windows with plain next-token CE and needs no cache."""
 
-    name: str | None = None
+    name: Name | None = None
     window_len: int = Field(gt=1)
     steps: int = Field(gt=0)
     rope: RopeConfig = RopeConfig()
@@ -395,11 +410,11 @@ class PhaseConfig(Strict):
 class StudentVariant(Strict):
     """One student of a comparison (`posdistill run` trains every variant, each seed)."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name
     # Another variant's name: start from its exported model (same seed when it has one).
     init_from: str | None = None
     phases: list[PhaseConfig] = Field(min_length=1)
-    seeds: list[int] | None = None  # default: [train.seed or run.seed]
+    seeds: list[Seed] | None = None  # default: [train.seed or run.seed]
     # Windows per optimizer step and per rank forward for this student (default: train's).
     batch_size: int | None = Field(None, gt=0)
     micro_batch: int | None = Field(None, gt=0)
@@ -457,7 +472,7 @@ class TrainConfig(Strict):
     launcher: Literal["local", "ray"] = "local"
     # Seed of the student's init and data order (default: run.seed). Vary it to repeat a
     # student without re-packing or re-caching: run.seed also seeds the packing.
-    seed: int | None = None
+    seed: Seed | None = None
     local_runner: Literal["torchrun", "deepspeed"] = "torchrun"  # how launcher "local" starts ranks
     workers: int | None = Field(None, gt=0)  # default: one per local GPU, 2 without one
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
@@ -467,7 +482,7 @@ class TrainConfig(Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0)
-    betas: FloatPair = (0.9, 0.95)  # AdamW
+    betas: Annotated[FloatPair, AfterValidator(_betas)] = (0.9, 0.95)  # AdamW
     eps: float = Field(1e-8, gt=0)
     # bf16 on GPU and fp32 on CPU by default ("auto"); bf16 also trains on CPU; fp16 uses
     # dynamic loss scaling (GPU only).
@@ -524,7 +539,7 @@ class EvalConfig(Strict):
     device: str = "auto"  # auto (cuda when present), cpu, cuda, cuda:N
     # Haystack documents and held-out windows; default: the top-level data section.
     data: DataConfig | None = None
-    heldout_seed: int | None = None  # default: run.seed + 1 (never the training seed)
+    heldout_seed: Seed | None = None  # default: run.seed + 1 (never the training seed)
 
     @field_validator("lengths")
     @classmethod
@@ -782,9 +797,30 @@ def parse_config(raw: Any, source: str = "<config>") -> Config:
         raise UserError(f"{source}: invalid config ({problems.count(chr(10)) + 1} problems)\n{problems}") from None
 
 
+class DuplicateKey(yaml.YAMLError):
+    pass
+
+
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads ``3e-4`` (no dot) as a string, which strict types then refuse; read
-    every number as YAML 1.2 and JSON do."""
+    every number as YAML 1.2 and JSON do. A key given twice in one mapping is an error (PyYAML
+    keeps the last silently: a second ``cache:`` section would replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<' merges: own keys overriding merged ones is YAML's meaning
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+                seen.setdefault(key, line)
+            except TypeError:
+                continue  # an unhashable key: the base constructor reports it
+            if first is not None:
+                raise DuplicateKey(f"duplicate key '{key}' at line {line} (first at line {first})")
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(

@@ -59,6 +59,17 @@ class Node:
     students: set[str] = field(default_factory=set)  # variants (and labels) this node serves
     phases: set[int] = field(default_factory=set)  # phase indices (cache and pack nodes)
     out: Path | None = None  # set once done
+    _ident: str | None = field(default=None, repr=False)
+
+    def ident(self) -> str:
+        """What the completion marker records: the node's own identity and the identities of
+        every node it reads, so a changed input anywhere upstream (a corpus, a teacher weight,
+        a parent student) makes every node downstream of it not done."""
+        if self._ident is None:
+            own = self.identity()
+            self._ident = fingerprint({"node": own, "inputs": sorted(d.ident() for d in self.deps)}
+                                      if self.deps else own)
+        return self._ident
 
 
 def is_done(node: Node, out: Path, ident: str) -> bool:
@@ -146,7 +157,7 @@ class Graph:
                 remote = remote_for(out)  # a bucket-backed output: its scratch mirror is pulled first
                 if remote is not None:
                     remote.pull()
-                ident = fingerprint(node.identity())
+                ident = node.ident()
                 if self.follower and node.stage != "train":
                     self._await(node, out, ident, remote)
                 if is_done(node, out, ident):
@@ -287,9 +298,10 @@ def build_graph(cfg: Config, address: str | None = None, workers: int | None = N
             deps.append(trained[spec.init_from])
         run_dir = lay.run_dir(spec)
 
-        def compute(out: Path, spec: TrainSpec = spec, inputs: dict[int, Node] = inputs) -> None:
-            run_training(spec, {i: n.out for i, n in inputs.items()}, out, workers=workers, address=ray_address,
-                         rdzv=rdzv)
+        def compute(out: Path, spec: TrainSpec = spec, inputs: dict[int, Node] = inputs,
+                    deps: list[Node] = deps) -> None:
+            run_training(spec.with_inputs([d.ident() for d in deps]), {i: n.out for i, n in inputs.items()}, out,
+                         workers=workers, address=ray_address, rdzv=rdzv)
 
         node = Node("train", f"train {spec.label}", locate=lambda d=run_dir: d, identity=spec.identity,
                     compute=compute, deps=deps, students={spec.variant, spec.label},

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.paths import inside
 
 SCHEMES = ("s3://", "gs://")
 # Written last, in this order, and deleted first: their presence means "complete".
@@ -217,7 +218,7 @@ class Remote:
         self._upload(fs, base, name, src=path)
 
     def _download(self, fs: Any, base: str, name: str, info: Any) -> None:
-        dst = self.local / name
+        dst = inside(self.local, name, f"'{self.uri}': object key")  # a key with '..' writes nothing outside
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(f".{dst.name}.pull-{os.getpid()}")
         try:

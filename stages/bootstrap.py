@@ -450,7 +450,7 @@ def run_bootstrap(spec: BootstrapSpec, out: str | Path, progress: bool = True) -
         "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version()},
     }
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, "bootstrap") as tmp:
         model.save_pretrained(tmp)
         build_byte_tokenizer().save_pretrained(tmp)
         save_heatmap({"name": heatmap_title(boot, trained_max), "tasks": probes}, tmp / HEATMAP_FILE)

@@ -218,7 +218,7 @@ def run_pack(spec: PackSpec, out: Path, verbose: bool = True) -> Path:
     if is_complete(out):
         return out
     progress = Progress("pack", None, unit="docs", enabled=verbose)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "pack") as tmp:
         stats = write_windows(spec, tmp, progress)
         progress.close()
         if stats.docs_read == 0:

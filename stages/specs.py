@@ -130,6 +130,13 @@ class TrainSpec:
     def fingerprint(self) -> str:
         return fingerprint(self.identity(), length=8)
 
+    def with_inputs(self, inputs: list[str]) -> "TrainSpec":
+        """This spec with the identities of the outputs it reads (packs, caches, its parent):
+        recorded in every checkpoint, so a checkpoint of other inputs is never continued."""
+        from dataclasses import replace
+
+        return replace(self, identity_parts={**self.identity_parts, "inputs": sorted(inputs)})
+
     @property
     def dir_name(self) -> str:
         return f"{self.label}-{self.fingerprint()}"

@@ -301,7 +301,7 @@ def run_perturb(spec: AnalyzeSpec, model: str, out: str | Path, verbose: bool = 
     res = run_probe(lm, spec, verbose=verbose)
     res["seconds"] = round(time.monotonic() - t0, 2)
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "analyze") as tmp:
         (tmp / PERTURB_JSON).write_text(json.dumps(res, indent=2) + "\n")
         (tmp / "spec.json").write_text(json.dumps(spec_to_dict(spec), indent=2) + "\n")
         save_plots(res, tmp)

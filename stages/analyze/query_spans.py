@@ -215,7 +215,7 @@ def run_query_spans(before: str, after: str, windows: list[int] | None, top: int
     windows = windows or default_windows(before, after)
     res = analyze_spans(before, after, windows, top)
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "analyze") as tmp:
         (tmp / SPANS_JSON).write_text(json.dumps(res, indent=2) + "\n")
         save_plot(res, tmp / "query_spans.png")
     if verbose:

@@ -110,6 +110,6 @@ def run_query_states(spec: AnalyzeSpec, before: str, after: str, samples: int, w
            "wavelength_before": res["wavelength_before"].tolist(),
            "wavelength_after": res["wavelength_after"].tolist(), "seconds": round(time.monotonic() - t0, 2)}
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "analyze") as tmp:
         (tmp / STATES_JSON).write_text(json.dumps(doc) + "\n")
     return out

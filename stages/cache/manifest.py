@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline.atomic import atomic_write_json
 from pipeline.errors import UserError
+from pipeline.paths import inside
 
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "manifest.json"
@@ -75,5 +76,13 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         hint = " (the cache job has not finished; re-run `posdistill cache`)" if (Path(cache_dir) / PLAN_FILE).is_file() else ""
         raise UserError(f"{cache_dir}: not a complete teacher cache: no {MANIFEST_FILE}{hint}")
-    return _validate(path, _read(path), _MANIFEST_KEYS, {**_SHARD_KEYS, "file": str})
+    doc = _validate(path, _read(path), _MANIFEST_KEYS, {**_SHARD_KEYS, "file": str})
+    from stages.cache.writer import shard_name
+
+    for i, shard in enumerate(doc["shards"]):  # readers open these: nothing outside the cache
+        if shard["file"] != shard_name(shard["index"]):
+            raise UserError(f"{path}: shards[{i}].file is '{shard['file']}', not '{shard_name(shard['index'])}' "
+                            "(shards are files of the cache directory); delete it and re-run `posdistill cache`")
+        inside(cache_dir, shard["file"], f"{path}: shards[{i}].file")
+    return doc
 

@@ -198,10 +198,12 @@ def check_inputs(spec: CacheSpec) -> int:
     """What can be told wrong from the teacher's files and the config alone, before any
     window is packed or a worker starts; returns the teacher's vocabulary size."""
     from stages.teacher import check_weight_files, teacher_vocab
+    from stages.tokenizer import check_teacher_tokenizer
 
     vocab = teacher_vocab(spec.teacher.model)
     check_weight_files(spec.teacher.model)
     _check_vocab(spec.pack.data.tokenizer, vocab)
+    check_teacher_tokenizer(spec.pack.data.tokenizer, spec.teacher.model, spec.teacher.tokenizer)
     if spec.cache.kind == "topk" and spec.cache.k > vocab:
         raise UserError(f"cache.k: {spec.cache.k} is more than teacher.model's vocabulary of {vocab} tokens "
                         f"(k = {vocab} already stores the whole distribution)")

@@ -54,6 +54,8 @@ def check_shard(path: Path, fingerprint: str, first_window: int, rows: int, deep
                 verified: dict[str, Any] | None = None) -> str | None:
     """None if the shard is valid, else the reason it is not. ``verified``: the cache's record
     of shards whose pages were checked (read and updated); None reads every page."""
+    if path.is_symlink():
+        return "a symbolic link (shards are files of the cache directory, never links)"
     if not path.is_file():
         return "missing"
     try:

@@ -150,7 +150,7 @@ def run_eval(spec: EvalSpec, models: dict[str, str] | list[str | LoadedModel], o
         "machine": {"torch": torch.__version__, "python": platform.python_version(),
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
     }
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "eval") as tmp:
         (tmp / EVAL_JSON).write_text(json.dumps(json_clean(report), indent=2, allow_nan=False) + "\n")
         (tmp / "spec.json").write_text(json.dumps(spec_to_dict(spec), indent=2) + "\n")
         (tmp / EVAL_MD).write_text(markdown_table(results, ev.threshold))

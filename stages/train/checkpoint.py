@@ -188,6 +188,8 @@ class Checkpointer:
         choice: list[Any] = [None]
         if self.rank == 0:
             tags = intact_tags(self.root, say=lambda m: print(m, file=sys.stderr, flush=True))
+            if tags and self._stale(tags[-1]):
+                tags = []
             choice[0] = str(tags[-1]) if tags else None
         if dist.is_initialized():
             dist.broadcast_object_list(choice, src=0)
@@ -203,6 +205,20 @@ class Checkpointer:
             raise UserError(f"{tag} was written with a different config ({', '.join(differ[:8])}); "
                             f"use another student.name / run.out_dir, or delete {self.root}")
         return ResumePoint(tag=tag, step=int(meta["step"]), phase=int(meta["phase"]), data_states=meta["data_states"])
+
+    def _stale(self, tag: Path) -> bool:
+        """True (and the checkpoints removed) when ``tag`` was trained on other inputs than this
+        run's: a pack, cache or parent student upstream changed, so the graph re-runs this node
+        and nothing of the old training may be continued or exported."""
+        have = json.loads((tag / STATE).read_text()).get("identity", {})
+        if have.get("inputs") == self.identity.get("inputs") or \
+                differences({**have, "inputs": None}, {**self.identity, "inputs": None}, skip=RESUME_FREE_KEYS):
+            return False  # same inputs, or another config: resume_point says which
+        print(f"train: the checkpoints in {self.root} were trained on other inputs (an upstream pack, "
+              "cache or parent student changed); training afresh", file=sys.stderr, flush=True)
+        for old in sorted(self.root.glob("step-*")):  # ours: tag directories this class writes
+            shutil.rmtree(old)
+        return True
 
     def load(self, engine: Any, point: ResumePoint) -> Any:
         """Load the engine state of ``point``; returns this rank's data position."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline.atomic import atomic_dir
 from pipeline.errors import UserError
+from pipeline.fingerprint import fingerprint
 from stages.train.checkpoint import HF_DIR, STATE, find_checkpoint, weights_only_loading
 
 PREFIX = "model."  # StudentWithLoss holds the HF model as .model
@@ -49,11 +50,22 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str = "float32")
         model.tie_weights()
     model = model.to(getattr(torch, dtype))
     tok = AutoTokenizer.from_pretrained(str(hf), local_files_only=True)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "export", keep=(tag.parent,)) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         meta = json.loads((tag / STATE).read_text())
         (tmp / "posdistill.json").write_text(json.dumps({"checkpoint": str(tag), "step": meta["step"],
-                                                         "phase": meta["phase"]}, indent=2))
+                                                         "phase": meta["phase"],
+                                                         "identity": fingerprint(meta.get("identity", {}))}, indent=2))
     return Path(out)
+
+
+def is_exported(out: Path, step: int, identity: dict) -> bool:
+    """True when ``out`` already holds the export of a checkpoint at ``step`` trained with
+    ``identity`` (its inputs included): a student retrained on other inputs is exported anew."""
+    try:
+        meta = json.loads((Path(out) / "posdistill.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (out / "config.json").is_file() and meta.get("step") == step and meta.get("identity") == fingerprint(identity)
 

@@ -221,7 +221,7 @@ def train(spec: TrainSpec, inputs: dict[int, Path], run: Path, resume: bool = Fa
     from stages.rope import apply_rope
     from stages.tokenizer import load_tokenizer
     from stages.train.checkpoint import Checkpointer
-    from stages.train.export import export_checkpoint
+    from stages.train.export import export_checkpoint, is_exported
     from stages.train.metrics import MetricsLog
 
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")  # DeepSpeed's own call
@@ -297,7 +297,7 @@ def train(spec: TrainSpec, inputs: dict[int, Path], run: Path, resume: bool = Fa
             progress.close()
 
     out = run / MODEL_DIR
-    if env.rank == 0 and not (out / "config.json").is_file():
+    if env.rank == 0 and not is_exported(out, step, ckpt.identity):
         export_checkpoint(run / "checkpoints", out, dtype="float32")
         say(f"train: exported {out}")
     dist.barrier()
