@@ -146,6 +146,46 @@ def _verify_of(make: Callable[[Path], None], command: str = "cache verify") -> C
     return build
 
 
+def _bpe_teacher(vocab: int) -> Callable[[Path, Path], Path]:
+    """The tiny teacher's weights with a trained BPE tokenizer of ``vocab`` ids beside them."""
+    def make(tiny: Path, root: Path) -> Path:
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        out = _teacher(tiny, root, keep=lambda p: not p.name.startswith("tokenizer"))
+        core = Tokenizer(models.BPE(unk_token="<unk>"))
+        core.pre_tokenizer = pre_tokenizers.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        core.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50, trainer)
+        PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>").save_pretrained(out)
+        return out
+    return make
+
+
+def _user_dir(root: Path, name: str = "mine") -> Path:
+    """A directory holding a file the user wrote (which no command may delete)."""
+    d = root / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "notes.txt").write_text("the user's own file\n")
+    return d
+
+
+def _ckpt(root: Path) -> Path:
+    (root / "ckpt").mkdir()
+    return root / "ckpt"
+
+
+def _manifest_with(file: str) -> Callable[[Path], None]:
+    """A cache directory whose manifest points shard 0 at ``file``."""
+    def make(d: Path) -> None:
+        manifest = {"fingerprint": "f" * 16, "format": 1, "identity": {}, "kind": "topk", "codec": "plain",
+                    "window_len": 8, "vocab": 260, "windows": 1, "tokens": 8,
+                    "shards": [{"index": 0, "first_window": 0, "rows": 1, "file": file}]}
+        (d / "manifest.json").write_text(json.dumps(manifest))
+    return make
+
+
 CASES: list[Case] = [
     # --- the config file itself
     Case("config-missing", lambda r: ["config", "show", str(r / "nope.yaml")], ["nope.yaml"]),
@@ -246,6 +286,43 @@ CASES: list[Case] = [
     Case("resume-without-checkpoint", lambda r: ["train", "--resume", str(_cfg(
         r, student={"config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4}},
         train={"phases": [{"window_len": 128, "steps": 2}], "kd": {"alpha": 0.0}}))], ["--resume"]),
+    # --- nothing deleted that posdistill did not write; paths stay inside their roots
+    Case("export-into-user-dir", lambda r: ["export", str(_ckpt(r)), str(_user_dir(r))], ["mine", "did not write"]),
+    Case("export-into-cwd", lambda r: ["export", str(_ckpt(r)), "."], ["."]),
+    Case("export-into-its-checkpoint", lambda r: ["export", str(_ckpt(r)), str(r / "ckpt")], ["ckpt", "reads"]),
+    Case("export-into-a-parent", lambda r: ["export", str(_ckpt(r)), str(r)], ["reads"]),
+    Case("eval-out-user-dir", lambda r: ["eval", str(_cfg(r)), "--model", str(r), "--out", str(_user_dir(r))],
+         ["mine", "did not write"]),
+    Case("perturb-out-user-dir", lambda r: ["analyze", "perturb", str(_cfg(r)), "--model", str(r), "--out",
+                                            str(_user_dir(r))], ["mine"]),
+    Case("query-spans-out-user-dir", lambda r: ["analyze", "query-spans", "--before", str(r), "--after", str(r),
+                                                "--out", str(_user_dir(r))], ["mine"]),
+    Case("bootstrap-out-user-dir", lambda r: ["bootstrap", str(_cfg(r, teacher={"bootstrap": {"phases": [
+        {"window_len": 64, "rope_theta": 10000.0, "steps": 1}]}})), "--out",
+                                              str(_user_dir(r))], ["mine"]),
+    Case("manifest-absolute-shard", _verify_of(_manifest_with("/etc/passwd")), ["shards[0].file", "/etc/passwd"],
+         code=1),
+    Case("manifest-dotdot-shard", _verify_of(_manifest_with("../../x.parquet")), ["shards[0].file", "../../x.parquet"],
+         code=1),
+    Case("manifest-info-dotdot", _verify_of(_manifest_with("../x.parquet"), command="cache info"), ["shards[0].file"]),
+    _raw("run-name-path", "run: {name: ../../etc}\n", ["run.name"]),
+    _raw("student-name-absolute", "student: {name: /tmp/x}\n", ["student.name"]),
+    _raw("phase-name-slash", "train: {phases: [{name: a/b, window_len: 8, steps: 1}]}\n", ["train.phases[0].name"]),
+    # --- strict YAML and finite numbers
+    _raw("yaml-duplicate-section", "cache: {k: 8}\nrun: {seed: 1}\ncache: {k: 16}\n", ["duplicate key 'cache'",
+                                                                                      "line 3", "line 1"]),
+    _raw("yaml-duplicate-nested", "train:\n  lr: 0.1\n  lr: 0.2\n", ["duplicate key 'lr'", "line 3"]),
+    _raw("lr-inf", "train: {lr: .inf}\n", ["train.lr", "finite"]),
+    _raw("temperature-nan", "cache: {temperature: .nan}\n", ["cache.temperature", "finite"]),
+    _raw("betas-out-of-range", "train: {betas: [0.9, 1.5]}\n", ["train.betas"]),
+    _raw("seed-negative", "run: {seed: -3}\n", ["run.seed"]),
+    _raw("seed-too-large", "train: {seed: 4294967296}\n", ["train.seed"]),
+    _raw("variant-seed-negative", "students: [{name: a, seeds: [-1], phases: [{window_len: 8, steps: 1}]}]\n",
+         ["students[0].seeds[0]"]),
+    # --- the data must be tokenized as the teacher reads it
+    _teacher_case("tokenizer-not-the-teachers", ["data.tokenizer", "byte", "teacher.model"], teacher=_bpe_teacher(300)),
+    _teacher_case("teacher-without-tokenizer", ["teacher.model", "teacher.tokenizer"],
+                  teacher=lambda tiny, root: _teacher(tiny, root, keep=lambda p: not p.name.startswith("tokenizer"))),
     # --- cluster
     Case("submit-unknown-stage", lambda r: ["submit", "bake", str(_cfg(r))], ["bake"]),
     Case("jobs-unreachable", lambda r: ["jobs", "list", "--address", "http://127.0.0.1:9"], ["127.0.0.1:9"]),
