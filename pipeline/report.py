@@ -279,7 +279,8 @@ def _power(results: dict[str, dict], design: dict[str, Any]) -> list[str]:
         return [f"(not computed: {err})", ""]
     return [f"How many seeds per arm and probes per (length, depth) cell make the interval of the primary test "
             f"at most ±{res['target']} wide after Holm, from this run's variances "
-            "(`python -m pipeline.power eval/eval.json` gives the same from any eval.json).", ""] + power.markdown(res) + [""]
+            f"(`python -m pipeline.power eval/eval.json --variants {','.join(arms)} --window {design['long_from']} "
+            f"--tests {design['tests']}` gives the same from any eval.json).", ""] + power.markdown(res) + [""]
 
 
 def _read_json(d: Any, name: str) -> dict[str, Any] | None:
