@@ -1,18 +1,20 @@
-"""The report's comparisons, scored by needle distance with bootstrap intervals.
+"""The report's comparisons, scored by distance with bootstrap intervals (``pipeline.stats``).
 
-A retrieval claim is about *distance*: how far before the question the fact sits. A needle
-placed a few tokens before the question is retrieved inside the short pretraining window
-whatever the context length, so averaging over length x depth mixes short-distance cells
-into a "long-context" score. Here every probe is binned by its distance, and a comparison is
-scored only on probes whose distance exceeds both the short pretraining window and the
-longest training document (``long_from``): what no training window ever showed.
+A retrieval claim is about *distance*: the RoPE offset between the fact and the question
+(``distance = q − p``: p is the position of the answer's first token inside the fact, q the
+position of the question's last token, whose logits predict that token; each later answer
+token is predicted at the same offset). A needle placed a few tokens before the question is
+retrieved inside the short pretraining window whatever the context length, so averaging over
+length x depth mixes short-distance cells into a "long-context" score. Here every probe is
+binned by its distance, and a comparison is scored only on probes whose distance is at least
+``long_from`` (the short pretraining window and the longest training document): offsets no
+training window ever showed.
 
-Intervals: a two-level bootstrap (students of a variant resampled, then probes within each
-student), so seed-to-seed variation and per-probe sampling error both count; a variant with
-one seed still has its probe error. Across all comparisons of a report the tests are
-Holm-corrected: a comparison is "reproduced" when its Holm-adjusted interval excludes zero
-in the claimed direction, "not reproduced" when it excludes zero in the other direction,
-else "inconclusive".
+Intervals: a two-level bootstrap (``pipeline.stats.two_level``): students of a variant, or
+(student, parent) pairs, resampled, then probes within each. Across all comparisons of a
+report the tests are Holm-corrected, and each verdict is read off its Holm-adjusted interval
+(``pipeline.stats.verdict``): reproduced, reversed, not reproduced (inside ±``MARGIN``) or
+inconclusive.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ from typing import Any
 
 import numpy as np
 
-ALPHA = 0.05
-BOOTSTRAP = 2000
+from pipeline import stats
+from pipeline.stats import ALPHA, MARGIN
 
 
 def probe_rows(entry: dict[str, Any], task: str) -> list[dict[str, float]]:
+    """A model's per-probe records of ``task``. Records written before eval format 4 (no
+    ``fact_at``) measured distance to the context's end, one more than the offset: converted."""
     g = entry.get("tasks", {}).get(task) or {}
-    return list(g.get("probes") or [])
+    rows = list(g.get("probes") or [])
+    return [r if "fact_at" in r else {**r, "distance": r["distance"] - 1} for r in rows]
 
 
 def distance_edges(short: int, longest_doc: int, max_len: int) -> list[int]:
@@ -53,74 +58,99 @@ def by_distance(rows: list[dict[str, float]], edges: list[int], metric: str) -> 
     return out
 
 
-def _boot_means(groups: list[np.ndarray], rng: np.random.Generator, n: int) -> np.ndarray:
-    """[n] bootstrap means of a variant: resample its students, then each one's probes."""
-    groups = [g for g in groups if len(g)]
-    if not groups:
-        return np.full(n, np.nan)
-    out = np.empty(n)
-    for b in range(n):
-        picked = rng.integers(0, len(groups), len(groups))
-        out[b] = np.mean([groups[i][rng.integers(0, len(groups[i]), len(groups[i]))].mean() for i in picked])
-    return out
-
-
 @dataclass
 class Comparison:
     title: str
     metric: str
     diff: float
     boot: np.ndarray  # bootstrap differences
-    n_a: tuple[int, int]  # (students, probes)
+    n_a: tuple[int, int]  # (students or pairs, probes)
     n_b: tuple[int, int]
     p: float = float("nan")
+    margin: float | None = MARGIN  # equivalence margin of "not reproduced"; None: no such verdict
     level: float = ALPHA  # Holm-adjusted level for its interval
     verdict: str = "not measured"
     lo: float = float("nan")
     hi: float = float("nan")
 
 
+def _far(rows: list[dict[str, float]], metric: str, long_from: int) -> np.ndarray:
+    return np.array([r[metric] for r in rows if r["distance"] >= long_from], dtype=float)
+
+
+def _clean(g: Any) -> np.ndarray:
+    g = np.asarray(g, dtype=float)
+    return g[~np.isnan(g)]
+
+
+def _result(title: str, metric: str, diff: float, boot: np.ndarray, n_a: tuple[int, int], n_b: tuple[int, int],
+            margin: float | None) -> Comparison:
+    return Comparison(title, metric, diff, boot, n_a, n_b, p=stats.boot_p(boot), margin=margin)
+
+
 def compare(title: str, metric: str, a: list[list[dict[str, float]]], b: list[list[dict[str, float]]],
-            long_from: int, seed: int = 0) -> Comparison:
-    """mean(a) - mean(b) over probes at distance >= ``long_from``, with its bootstrap."""
-    ga = [np.array([r[metric] for r in rows if r["distance"] >= long_from], dtype=float) for rows in a]
-    gb = [np.array([r[metric] for r in rows if r["distance"] >= long_from], dtype=float) for rows in b]
-    return compare_units(title, metric, ga, gb, seed)
+            long_from: int, seed: int = 0, margin: float | None = MARGIN) -> Comparison:
+    """mean(a) − mean(b) of two arms (one probe list per student) over probes at distance
+    >= ``long_from``, with the two-level bootstrap of each arm."""
+    return compare_units(title, metric, [_far(r, metric, long_from) for r in a],
+                         [_far(r, metric, long_from) for r in b], seed, margin)
 
 
-def compare_units(title: str, metric: str, ga: list[np.ndarray], gb: list[np.ndarray], seed: int = 0) -> Comparison:
-    """mean(a) - mean(b) of per-unit values (one array per student: probes, windows...), with
-    the two-level bootstrap; the paper's direction is positive."""
-    ga = [np.asarray(g, dtype=float) for g in ga]
-    gb = [np.asarray(g, dtype=float) for g in gb]
-    ga, gb = [g[~np.isnan(g)] for g in ga], [g[~np.isnan(g)] for g in gb]
-    ga, gb = [g for g in ga if len(g)], [g for g in gb if len(g)]
+def compare_units(title: str, metric: str, ga: list[np.ndarray], gb: list[np.ndarray], seed: int = 0,
+                  margin: float | None = None) -> Comparison:
+    """mean(a) − mean(b) of per-unit values (one array per student: probes, windows...) of two
+    independent arms, with the two-level bootstrap; the paper's direction is positive."""
+    ga, gb = [g for g in map(_clean, ga) if len(g)], [g for g in map(_clean, gb) if len(g)]
     n_a, n_b = (len(ga), sum(map(len, ga))), (len(gb), sum(map(len, gb)))
     if not ga or not gb:
-        return Comparison(title, metric, float("nan"), np.array([]), n_a, n_b)
+        return Comparison(title, metric, float("nan"), np.array([]), n_a, n_b, margin=margin)
     rng = np.random.default_rng(seed)
     diff = float(np.mean([g.mean() for g in ga]) - np.mean([g.mean() for g in gb]))
-    boot = _boot_means(ga, rng, BOOTSTRAP) - _boot_means(gb, rng, BOOTSTRAP)
-    p = 2 * min(float(np.mean(boot <= 0)), float(np.mean(boot >= 0)))
-    return Comparison(title, metric, diff, boot, n_a, n_b, p=min(1.0, max(p, 1.0 / BOOTSTRAP)))
+    boot = stats.two_level([[(g, 1.0)] for g in ga], rng) - stats.two_level([[(g, 1.0)] for g in gb], rng)
+    return _result(title, metric, diff, boot, n_a, n_b, margin)
+
+
+def _key(r: dict[str, float]) -> tuple:
+    return (r["length"], r["depth"], r["trial"])
+
+
+def compare_paired(title: str, metric: str, pairs: list[tuple[list[dict], list[dict], bool]], long_from: int,
+                   seed: int = 0, margin: float | None = MARGIN) -> Comparison:
+    """mean over (student, parent) pairs of student − parent, over probes at distance >=
+    ``long_from``. ``pairs``: (student's probes, parent's probes, whether both were scored on
+    the same probes). Same probes: the per-probe differences are the pair's unit; else the two
+    probe sets are resampled independently. The bootstrap resamples pairs, then probes."""
+    units: list[stats.Unit] = []
+    n_a, n_b = [0, 0], [0, 0]
+    for rows_a, rows_b, same in pairs:
+        if same:
+            b_of = {_key(r): r[metric] for r in rows_b}
+            both = [(r[metric], b_of[_key(r)]) for r in rows_a if r["distance"] >= long_from and _key(r) in b_of]
+            d = _clean([x - y for x, y in both])
+            if len(d):
+                units.append([(d, 1.0)])
+                n_a, n_b = [n_a[0] + 1, n_a[1] + len(d)], [n_b[0] + 1, n_b[1] + len(d)]
+            continue
+        a, b = _clean(_far(rows_a, metric, long_from)), _clean(_far(rows_b, metric, long_from))
+        if len(a) and len(b):
+            units.append([(a, 1.0), (b, -1.0)])
+            n_a, n_b = [n_a[0] + 1, n_a[1] + len(a)], [n_b[0] + 1, n_b[1] + len(b)]
+    if not units:
+        return Comparison(title, metric, float("nan"), np.array([]), tuple(n_a), tuple(n_b), margin=margin)
+    diff = float(np.mean([stats.unit_value(u) for u in units]))
+    boot = stats.two_level(units, np.random.default_rng(seed))
+    return _result(title, metric, diff, boot, tuple(n_a), tuple(n_b), margin)
 
 
 def holm(comps: list[Comparison], alpha: float = ALPHA) -> None:
-    """Holm's step-down levels; each comparison's interval is taken at its own level."""
-    measured = sorted([c for c in comps if len(c.boot)], key=lambda c: c.p)
-    m = len(measured)
-    stop = False
-    for i, c in enumerate(measured):
-        c.level = alpha / (m - i)
-        c.lo, c.hi = (float(np.quantile(c.boot, c.level / 2)), float(np.quantile(c.boot, 1 - c.level / 2)))
-        rejected = not stop and c.p <= c.level
-        stop = stop or not rejected
-        if rejected and c.lo > 0:
-            c.verdict = "reproduced"
-        elif rejected and c.hi < 0:
-            c.verdict = "not reproduced (reversed)"
-        else:
-            c.verdict = "inconclusive"
+    """Holm's step-down over every measured comparison; each one's interval at its adjusted
+    level, and its verdict (``pipeline.stats.verdict``)."""
+    measured = [c for c in comps if len(c.boot)]
+    rejected, levels = stats.holm([c.p for c in measured], alpha)
+    for c, rej, level in zip(measured, rejected, levels):
+        c.level = float(level)
+        c.lo, c.hi = stats.interval(c.boot, c.level)
+        c.verdict = stats.verdict(c.lo, c.hi, bool(rej), c.margin)
 
 
 # ----------------------------------------------------------------------------- arms
@@ -179,14 +209,24 @@ def arms(students: list[Any]) -> dict[str, str]:
 
 
 # The retrieval tests of finding 1 (and the extension's gain): (title, arm a, arm b); the
-# paper's direction is a > b in each.
+# paper's direction is a > b in each. "parent": each student of a against its own
+# ``init_from`` parent, paired (``compare_paired``).
 FINDING1 = [
-    ("KD extension vs. its short-pretrained base", "kd_raised", "base"),
+    ("KD extension vs. its own base (paired)", "kd_raised", "parent"),
     ("KD vs. CE, same windows and θ (a − b)", "kd_raised", "ce_raised"),
     ("phase-wise θ vs. θ kept short (a − c)", "kd_raised", "kd_kept"),
     ("phase-wise θ vs. a large θ throughout (a − d)", "kd_raised", "kd_large"),
     ("phase-wise θ vs. PI/YaRN scaling (a − e)", "kd_raised", "kd_scaled"),
 ]
+
+
+RETAIN = 0.9  # "nothing unlearned": an arm keeps at least this share of its bases' in-window retrieval
+
+
+def within(rows: list[dict[str, float]], window: int, metric: str) -> float:
+    """Mean of ``metric`` over probes no longer than ``window`` (a base's own training window)."""
+    xs = [r[metric] for r in rows if r["length"] <= window]
+    return float(np.mean(xs)) if xs else float("nan")
 
 
 def beyond(rows: list[dict[str, float]], longest_window: int, metric: str) -> float:
@@ -195,17 +235,13 @@ def beyond(rows: list[dict[str, float]], longest_window: int, metric: str) -> fl
     return float(np.mean(xs)) if xs else float("nan")
 
 
-def seed_interval(values: list[float]) -> tuple[float, float, float]:
-    """(mean, lo, hi): a percentile bootstrap over seeds of a per-student number (one value:
-    no interval)."""
+def seed_range(values: list[float]) -> tuple[float, float, float]:
+    """(mean, min, max) of a per-student number over seeds: a spread, not a confidence
+    interval (with two to four seeds a bootstrap over them is no more than this)."""
     v = np.asarray([x for x in values if not math.isnan(x)], dtype=float)
     if not len(v):
         return (float("nan"),) * 3
-    if len(v) == 1:
-        return float(v[0]), float("nan"), float("nan")
-    rng = np.random.default_rng(0)
-    boot = v[rng.integers(0, len(v), (BOOTSTRAP, len(v)))].mean(1)
-    return float(v.mean()), float(np.quantile(boot, ALPHA / 2)), float(np.quantile(boot, 1 - ALPHA / 2))
+    return float(v.mean()), float(v.min()), float(v.max())
 
 
 # ----------------------------------------------------------------------------- findings 2 and 3

@@ -42,55 +42,130 @@ def _loss_of(entry: dict[str, Any]) -> float:
 
 
 def _interval(c: Any) -> str:
-    return f"[{c.lo:+.3f}, {c.hi:+.3f}] ({100 * (1 - c.level):.1f}%)" if not math.isnan(c.lo) else "n/a"
+    return f"[{c.lo:+.3f}, {c.hi:+.3f}] ({100 * (1 - c.level):.2f}%)" if not math.isnan(c.lo) else "n/a"
 
 
 def _finding_verdict(comps: list[Any]) -> str:
-    """A finding reproduces when every one of its primary tests does; it is not reproduced
-    when any is reversed; otherwise it is inconclusive (or not measured)."""
+    """A finding is reversed when any of its primary tests is, not reproduced when any is
+    (a claimed advantage smaller than the margin), reproduced when every one is; else
+    inconclusive (or not measured)."""
     measured = [c for c in comps if len(c.boot)]
     if not measured:
         return "not measured"
-    if any(c.verdict.startswith("not reproduced") for c in measured):
-        return "not reproduced"
+    for v in ("reversed", "not reproduced"):
+        if any(c.verdict == v for c in measured):
+            return v
     if len(measured) == len(comps) and all(c.verdict == "reproduced" for c in measured):
         return "reproduced"
     return "inconclusive"
 
 
-def _findings(cfg: Config, students: list[TrainSpec], results: dict[str, dict],
-              analyses: dict[str, Any] | None = None) -> list[str]:
+def _pair(a: dict[str, Any], b: dict[str, Any], task: str) -> tuple[list, list, bool]:
+    """(a's probes, b's probes, whether both were scored on the same probes)."""
     from pipeline import findings as F
+
+    same = a.get("probe_seed") is not None and a.get("probe_seed") == b.get("probe_seed")
+    return F.probe_rows(a, task), F.probe_rows(b, task), same
+
+
+def _parent_pairs(students: list[TrainSpec], results: dict[str, dict], arm_of: dict[str, str], arm: str,
+                  task: str) -> list[tuple[list, list, bool]]:
+    """Every student of ``arm`` with its own ``init_from`` parent: an extension is compared
+    with the model it started from (same base, same seed), not with every base."""
+    return [_pair(results[s.label], results[s.init_from], task) for s in students
+            if arm_of.get(s.label) == arm and s.label in results and s.init_from in results]
+
+
+def _seed_pairs(a: list[TrainSpec], b: list[TrainSpec], results: dict[str, dict],
+                task: str) -> list[tuple[list, list, bool]]:
+    """Two arms paired by training seed, when both have the same seeds: a seed's students
+    start from the same parent (or parents of the same seed) and are scored on the same
+    probes, so the per-probe differences cancel what the base and the probes contribute.
+    Empty when the seeds differ (the arms are then compared as independent)."""
+    sa = {s.seed: s for s in a if s.label in results}
+    sb = {s.seed: s for s in b if s.label in results}
+    if not sa or set(sa) != set(sb):
+        return []
+    return [_pair(results[sa[seed].label], results[sb[seed].label], task) for seed in sorted(sa)]
+
+
+def _retention(students: list[TrainSpec], results: dict[str, dict], arm_of: dict[str, str],
+               tasks: list[str]) -> list[str]:
+    """Nothing unlearned: each arm's retrieval on probes no longer than its bases' own
+    training window, next to the same students' parents on the same lengths."""
+    from pipeline import findings as F
+
+    by_label = {s.label: s for s in students}
+    lines = [f"**Nothing unlearned?** Each arm on probes no longer than its bases' training window, next to "
+             f"its own bases (every student's `init_from` parent, on the same lengths); goal for the KD arms: at "
+             f"least {F.RETAIN:g} × the bases on both tasks and both metrics.", "",
+             "| arm | task | metric | arm's value | its bases' value | ratio | met |", "|---|---|---|---|---|---|---|"]
+    failed: dict[str, list[str]] = {}
+    for arm in dict.fromkeys(arm_of.values()):
+        members = [s for s in students if arm_of.get(s.label) == arm and s.label in results and s.init_from in results]
+        if not members:
+            continue
+        variant = members[0].variant
+        window = {s.label: max(p.window_len for p in F.root_of(s, by_label).phases) for s in members}
+        for task in tasks:
+            for metric in ("exact", "token_acc"):
+                ours = [F.within(F.probe_rows(results[s.label], task), window[s.label], metric) for s in members]
+                theirs = [F.within(F.probe_rows(results[s.init_from], task), window[s.label], metric) for s in members]
+                if any(math.isnan(x) for x in ours + theirs):
+                    continue
+                v, b = float(np.mean(ours)), float(np.mean(theirs))
+                met = v >= F.RETAIN * b
+                if not met and arm.startswith("kd_"):
+                    failed.setdefault(variant, []).append(f"{task} {metric.replace('_', ' ')}")
+                lines.append(f"| {variant} | {task} | {metric.replace('_', ' ')} | {v:.3f} | {b:.3f} | "
+                             f"{_fmt(v / b, 2) if b > 0 else 'n/a'} | {'yes' if met else '**no**'} |")
+    lines += ["", ("**Unlearned** (a KD arm below the goal): " + "; ".join(f"`{v}` ({', '.join(w)})" for v, w in failed.items())
+                   if failed else "No KD arm fell below the goal."), ""]
+    return lines
+
+
+def _findings(cfg: Config, students: list[TrainSpec], results: dict[str, dict],
+              analyses: dict[str, Any] | None = None) -> tuple[list[str], list[Any], dict[str, Any]]:
+    """The findings section's lines, its Holm family and the design facts the power section
+    needs (empty when the run has no extensions)."""
+    from pipeline import findings as F
+    from pipeline import stats
 
     base = [s for s in students if s.init_from is None]
     ext = [s for s in students if s.init_from is not None]
     if not base or not ext:
-        return ["The run has no pretrained-short student with extensions, so the paper's comparisons do not apply."]
+        return ["The run has no pretrained-short student with extensions, so the paper's comparisons do not apply."], [], {}
     short = max(p.window_len for p in base[0].phases)
     longest_window = max(p.window_len for s in students for p in s.phases)
     longest_doc = max([cfg.pack.doc_len[1]] + [p.pack.pack.doc_len[1] for s in students for p in s.phases])
     long_from = max(short, longest_doc)
     arm_of = F.arms(students)
-    groups: dict[str, list[TrainSpec]] = {"base": base}
+    groups: dict[str, list[TrainSpec]] = {}
     for s in ext:
         if s.label in arm_of:
             groups.setdefault(arm_of[s.label], []).append(s)
     tasks = [t for t in ("needle", "passkey") if t in cfg.eval.tasks]
     if not any(F.probe_rows(e, t) for e in results.values() for t in tasks):
-        return ["eval.json has no per-probe scores (written by an older version); re-run `posdistill eval CONFIG`."]
+        return ["eval.json has no per-probe scores (written by an older version); re-run `posdistill eval CONFIG`."], [], {}
     max_len = max(cfg.eval.lengths)
     edges = F.distance_edges(short, longest_doc, max_len)
     names = [f"{lo}–{hi - 1}" for lo, hi in zip(edges[:-2], edges[1:-1])] + [f"{edges[-2]}–{edges[-1]}"]
     variants = list(dict.fromkeys(s.variant for s in base + ext))
     arm_name = {s.variant: F.ARMS[arm_of[s.label]] for s in ext if s.label in arm_of}
     chance = {"needle": 1 / len(cfg.data.synthetic.alphabet), "passkey": 0.1}
-    lines = [f"Scored by **needle distance** (tokens from the fact to the end of the context): a claim about long "
-             f"context holds only at distances no training window showed — at least {long_from} tokens (the "
-             f"short pretraining window is {short}, the longest training document {longest_doc}). Intervals: "
-             f"two-level bootstrap over students and probes ({F.BOOTSTRAP} resamples; each training seed has "
-             "its own probes), Holm-corrected across every test of this section; **reproduced** = the interval "
-             "excludes zero in the paper's direction, **not reproduced** = it excludes zero the other way, "
-             "otherwise **inconclusive**.", "",
+    lines = [f"Scored by **distance**: the RoPE offset q − p from the fact (p, the answer's first token inside "
+             "the needle) to the question (q, the last context position, whose logits predict that token). A claim "
+             f"about long context holds only at offsets no training window showed — at least {long_from} (the short "
+             f"pretraining window is {short}, the longest training document {longest_doc}). Intervals: two-level "
+             f"bootstrap ({stats.BOOTSTRAP} resamples of the units, then of the probes within each): the units are "
+             "(student, parent) pairs for an extension against its base, seeds for two arms with the same seeds "
+             "(a seed's students start from the same base and are scored on the same probes, so they are compared "
+             "probe by probe), else each arm's students, each at its **Holm-adjusted level** across every test "
+             "of this section (the level is printed with it). Verdicts: **reproduced** / **reversed** = the "
+             "interval excludes zero in the paper's direction / the other way; **not reproduced** = it lies within "
+             f"±{stats.MARGIN} (retrieval tests; any advantage is smaller than that); otherwise **inconclusive**. "
+             "Findings 2 and 3 have no agreed margin in their units, so they are never \"not reproduced\". "
+             "Spreads over seeds are min–max ranges, not intervals.", "",
              "Arms, read off each student's spec: " + "; ".join(f"`{v}` {a}" for v, a in arm_name.items()) + ".", ""]
 
     # The base inside its own window: what an extension could transfer.
@@ -110,6 +185,7 @@ def _findings(cfg: Config, students: list[TrainSpec], results: dict[str, dict],
                 lines.append(f"| {label} | {task} | {metric.replace('_', ' ')} | " +
                              " | ".join(_fmt(c, 2) for c in cells) + " |")
     lines.append("")
+    lines += _retention(students, results, arm_of, tasks)
 
     comps: list[tuple[str, str, Any]] = []  # (finding, task, comparison)
     for task in tasks:
@@ -130,18 +206,27 @@ def _findings(cfg: Config, students: list[TrainSpec], results: dict[str, dict],
             lines.append("")
         for title, a, b in F.FINDING1:
             for metric in ("token_acc", "exact"):
+                if b == "parent":
+                    pairs = _parent_pairs(students, results, arm_of, a, task)
+                    if pairs:
+                        comps.append(("extension", task, F.compare_paired(title, metric, pairs, long_from)))
+                    continue
+                pairs = _seed_pairs(groups.get(a, []), groups.get(b, []), results, task)
+                if pairs:
+                    comps.append(("1", task, F.compare_paired(title, metric, pairs, long_from)))
+                    continue
                 ra = [rows_of[s.label] for s in groups.get(a, []) if s.label in rows_of]
                 rb = [rows_of[s.label] for s in groups.get(b, []) if s.label in rows_of]
                 if ra and rb:
-                    comps.append(("1" if b != "base" else "extension", task, F.compare(title, metric, ra, rb, long_from)))
+                    comps.append(("1", task, F.compare(title, metric, ra, rb, long_from)))
 
-    lines += ["**Held-out loss** (mean over the held-out packed windows; mean over seeds, 95% bootstrap "
-              "interval over seeds)", "", "| model | seeds | mean loss |", "|---|---|---|"]
+    lines += ["**Held-out loss** (mean over the held-out packed windows; mean over seeds [min–max over seeds])", "",
+              "| model | seeds | mean loss |", "|---|---|---|"]
     for v in ["teacher"] + variants:
         vals = [_loss_of(results[lbl]) for lbl in ([v] if v == "teacher" else
                                                     [s.label for s in students if s.variant == v]) if lbl in results]
-        m, lo, hi = F.seed_interval(vals)
-        lines.append(f"| {v} | {len(vals)} | {_fmt(m)}" + (f" [{lo:.3f}, {hi:.3f}]" if not math.isnan(lo) else "") + " |")
+        m, lo, hi = F.seed_range(vals)
+        lines.append(f"| {v} | {len(vals)} | {_fmt(m)}" + (f" [{lo:.3f}–{hi:.3f}]" if len(vals) > 1 else "") + " |")
     lines.append("")
 
     for finding, extra in _analysis_comparisons(students, arm_of, analyses or {}, short):
@@ -174,7 +259,28 @@ def _findings(cfg: Config, students: list[TrainSpec], results: dict[str, dict],
         detail = "; ".join(f"{c.title}: {_fmt(c.diff)} {_interval(c)} {c.verdict}" for c in cs) or "no test ran"
         lines.append(f"- **Finding {k}** — {claim}: **{_finding_verdict(cs)}** ({detail}).")
     lines.append("")
-    return lines
+    design = {"long_from": long_from, "tests": len([c for _, _, c in comps if len(c.boot)]),
+              "kd": [s.variant for s in groups.get("kd_raised", [])][:1], "ce": [s.variant for s in groups.get("ce_raised", [])][:1]}
+    return lines, comps, design
+
+
+def _power(results: dict[str, dict], design: dict[str, Any]) -> list[str]:
+    """The power section: this run's variances, sized for the next run (``pipeline.power``)."""
+    from pipeline import power
+    from pipeline.errors import UserError
+
+    arms = design.get("kd", []) + design.get("ce", [])
+    if len(arms) < 2 or not design.get("tests"):
+        return ["(needs arms (a) and (b): the primary KD − CE test)", ""]
+    models = [m for m in results.values() if m.get("name") != "teacher"]
+    try:
+        res = power.study_power(models, arms, "needle", "token_acc", design["long_from"], design["tests"])
+    except UserError as err:
+        return [f"(not computed: {err})", ""]
+    return [f"How many seeds per arm and probes per (length, depth) cell make the interval of the primary test "
+            f"at most ±{res['target']} wide after Holm, from this run's variances "
+            f"(`python -m pipeline.power eval/eval.json --variants {','.join(arms)} --window {design['long_from']} "
+            f"--tests {design['tests']}` gives the same from any eval.json).", ""] + power.markdown(res) + [""]
 
 
 def _read_json(d: Any, name: str) -> dict[str, Any] | None:
@@ -198,9 +304,10 @@ def _analysis_comparisons(students: list[TrainSpec], arm_of: dict[str, str], ana
     def per_variant_rows(values: dict[str, float]) -> list[str]:
         rows = []
         for v in variants:
-            m, lo, hi = F.seed_interval([values[lbl] for lbl in values if variant_of.get(lbl) == v])
+            vals = [values[lbl] for lbl in values if variant_of.get(lbl) == v]
+            m, lo, hi = F.seed_range(vals)
             if not math.isnan(m):
-                rows.append(f"{m:.3g}" + (f" [{lo:.3g}, {hi:.3g}]" if not math.isnan(lo) else ""))
+                rows.append(f"{m:.3g}" + (f" [{lo:.3g}–{hi:.3g}]" if len(vals) > 1 else ""))
             else:
                 rows.append("–")
         return rows
@@ -244,7 +351,7 @@ def _analysis_comparisons(students: list[TrainSpec], arm_of: dict[str, str], ana
         lines = [f"**Finding 3 — where the queries move.** Change from each student's starting point per RoPE pair, "
                  f"pairs whose wavelength (the base's spectrum) exceeds the short window {short} minus the rest "
                  "(> 0: the long-wavelength pairs moved more); query states on held-out windows (relative and "
-                 "absolute) and W_q (relative). Mean over seeds [95% interval over seeds].", "",
+                 "absolute) and W_q (relative). Mean over seeds [min–max over seeds].", "",
                  "| model | states, relative | states, absolute | W_q, relative |", "|---|---|---|---|"]
         cols = [per_variant_rows(tables["rel"]), per_variant_rows(tables["abs"]), per_variant_rows(tables["w"])]
         for i, v in enumerate(variants):
@@ -339,8 +446,10 @@ def write_report(graph: Any, models: dict[str, str], eval_dir: Path, analyses: d
     lines += [f"![loss by position]({_rel(fig / 'loss_by_position.png', out)})" if ok else "(not measured)", ""]
 
     lines += ["## The paper's findings at this scale", ""]
-    lines += _findings(cfg, students, results, analyses)
-    lines.append("")
+    found, _, design = _findings(cfg, students, results, analyses)
+    lines += found + [""]
+    if design:
+        lines += ["## Power", ""] + _power(results, design)
 
     lines += ["## Positional perturbation", "",
               "Relative change of hidden states per layer and KL of the output distribution when the positions seen "

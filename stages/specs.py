@@ -145,7 +145,7 @@ class TrainSpec:
         return json.dumps(spec_to_dict(self), indent=2)
 
 
-EVAL_FORMAT = 3  # 2: eval.json with per-probe scores; 3: colour-blind-safe figures
+EVAL_FORMAT = 4  # 2: eval.json with per-probe scores; 3: colour-blind-safe figures; 4: distance = q - p
 
 
 @dataclass(frozen=True)

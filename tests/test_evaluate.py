@@ -16,6 +16,7 @@ from stages.evaluate.report import effective_length
 from stages.evaluate.retrieval import grid, score_probes
 from stages.evaluate.run import run_eval
 from stages.evaluate.tasks import Haystack, build_probes
+from stages.specs import EVAL_FORMAT
 from stages.tokenizer import BYTE_VOCAB_SIZE, build_byte_tokenizer
 
 from helpers import InductionLM
@@ -80,14 +81,15 @@ def test_probe_formats(tok, tmp_path):
 
 def test_needle_bookkeeping_is_exact(tok, tmp_path):
     """BOS, then the haystack with key + value at round(depth * room), then the key; the
-    distance runs from the value's first token to the context's end."""
+    distance is the offset from the value's first token (p) to the last context position
+    (q = length - 1, whose logits predict that token)."""
     hay = Haystack(make_cfg(tmp_path).data, tok, (16, 48), seed=4, min_tokens=1000)
     for p in build_probes("needle", tok, [100], [0.0, 0.5, 1.0], 2, seed=4, haystack=hay):
         key, room = p.context[-8:], 100 - 1 - 16 - 8
         at = 1 + round(p.depth * room)
         assert len(p.context) == 100 and p.context[0] == BOS
         assert p.context[at:at + 16] == key + p.answer
-        assert p.distance == 100 - (at + 8)
+        assert p.distance == (100 - 1) - (at + 8) and p.fact_at == at + 8
         if p.depth == 0.0:  # the needle first: the farthest distance from the query
             assert p.context[1:17] == key + p.answer
 
@@ -191,3 +193,10 @@ def test_fresh_probes_per_training_seed(tok, tmp_path):
                    out=tmp_path / "ev", verbose=False, seeds={"b": 2})
     rep = {m["name"]: m for m in json.loads((out / "eval.json").read_text())["models"]}
     assert rep["a"]["probe_seed"] == spec.heldout_seed and rep["b"]["probe_seed"] == probe_seed(spec.heldout_seed, 2)
+    # Each probe record carries the distance q - p and both positions (docs/eval.md, "Distance"):
+    # the fact's answer token at p is where the question's last position q = length - 1 copies from.
+    assert json.loads((out / "eval.json").read_text())["format"] == EVAL_FORMAT
+    for task in spec.eval.tasks:
+        for r, p in zip(rep["a"]["tasks"][task]["probes"], s0[task]):
+            assert r["query_at"] == p.length - 1 and r["distance"] == r["query_at"] - r["fact_at"] == p.distance
+            assert p.context[r["fact_at"]] == p.answer[0]

@@ -1,4 +1,5 @@
-"""The report's statistics: scored by distance, bootstrap over students and probes, Holm."""
+"""The report's statistics: scored by distance, bootstrap over students and probes, Holm;
+an extension against its own parent, arms paired by seed, what was unlearned, and power."""
 
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def test_short_distance_retrieval_is_not_long_context_retrieval():
     base = [_rows(lambda d: False, DIST)]
     c = compare("near only", "exact", near, base, long_from=256)
     holm([c])
-    assert c.diff == 0.0 and c.verdict == "inconclusive"
+    assert c.diff == 0.0 and c.verdict == "not reproduced"  # no gain at all beyond the window: a definite no
     assert by_distance(near[0], [0, 64, 256, 1024], "exact") == [1.0, 0.0, 0.0]
 
 
@@ -37,7 +38,7 @@ def test_clear_effects_both_ways():
     up, down = compare("up", "exact", far, none, 256), compare("down", "exact", none, far, 256)
     holm([up, down])
     assert up.verdict == "reproduced" and up.lo > 0
-    assert down.verdict == "not reproduced (reversed)" and down.hi < 0
+    assert down.verdict == "reversed" and down.hi < 0
 
 
 def test_probe_sampling_error_counts_even_with_one_seed():
@@ -123,3 +124,126 @@ def test_unit_comparison_sees_a_clear_shift_and_not_noise():
     holm([shifted, noise])
     assert shifted.verdict == "reproduced" and shifted.lo > 0
     assert noise.verdict == "inconclusive" and noise.lo < 0 < noise.hi
+
+
+def test_old_eval_records_measured_one_more_than_the_offset():
+    from pipeline.findings import probe_rows
+
+    old = {"tasks": {"needle": {"probes": [{"length": 256, "depth": 0.0, "trial": 0, "distance": 247}]}}}
+    new = {"tasks": {"needle": {"probes": [{"length": 256, "depth": 0.0, "trial": 0, "distance": 246,
+                                            "fact_at": 9, "query_at": 255}]}}}
+    assert probe_rows(old, "needle")[0]["distance"] == 246 == probe_rows(new, "needle")[0]["distance"]
+
+
+# ----------------------------------------------------------------------------- the report on the study's design
+
+LENGTHS, DEPTHS, TRIALS = [256, 512, 1024, 1536, 2048], [0.0, 0.25, 0.5, 0.75, 1.0], 6
+
+
+def _probes(rng, near: float, far: float, probe_seed: int):
+    """A model's probe records: Bernoulli(near) at distance < 256, Bernoulli(far) beyond; the
+    draws depend only on the probe seed and the cell, so models of one seed share probes."""
+    out = []
+    for length in LENGTHS:
+        for depth in DEPTHS:
+            for trial in range(TRIALS):
+                d = int((1 - depth) * (length - 20)) + 3
+                u = np.random.default_rng([probe_seed, length, int(depth * 4), trial]).random()
+                x = float(u < (near if d < 256 else far))
+                out.append({"length": length, "depth": depth, "trial": trial, "distance": d, "fact_at": length - 1 - d,
+                            "query_at": length - 1, "exact": x, "token_acc": x})
+    return out
+
+
+def _study(tmp_path, level_of):
+    """configs/study.yaml's students with synthetic eval results: ``level_of(spec)`` gives a
+    student's (near, far) retrieval rates."""
+    import yaml
+
+    from pipeline.config import parse_config
+    from pipeline.resolve import train_specs
+
+    raw = yaml.safe_load((Path(__file__).parent.parent / "configs" / "study.yaml").read_text())
+    raw["run"]["out_dir"] = str(tmp_path)
+    cfg = parse_config(raw)
+    students = train_specs(cfg)
+    rng = np.random.default_rng(0)
+    results = {"teacher": {"name": "teacher", "probe_seed": 1, "tasks": {t: {"probes": _probes(rng, 0.9, 0.9, 1)}
+                                                                        for t in ("needle", "passkey")}}}
+    for s in students:
+        near, far = level_of(s)
+        results[s.label] = {"name": s.label, "probe_seed": 1 + 1000 * s.seed,
+                            "tasks": {t: {"probes": _probes(rng, near, far, 1 + 1000 * s.seed)} for t in ("needle", "passkey")}}
+    return cfg, students, results
+
+
+def test_extension_is_compared_with_its_own_parent_not_every_base(tmp_path):
+    """θ-1e4 bases retrieve 0.2 beyond the window, θ-1e6 bases 0.8; arm (a) (from the θ-1e4
+    bases) 0.3: a gain of +0.1 over its own parents, a loss against the pool of every base."""
+    from pipeline import report
+
+    def level(s):
+        if s.variant == "base-large":
+            return 0.9, 0.8
+        if s.variant == "base":
+            return 0.9, 0.2
+        return 0.9, 0.3 if s.variant == "kd-theta" else 0.2
+
+    cfg, students, results = _study(tmp_path, level)
+    lines, comps, design = report._findings(cfg, students, results, {})
+    ext = [c for f, t, c in comps if f == "extension" and t == "needle" and c.metric == "token_acc"]
+    assert len(ext) == 1 and abs(ext[0].diff - 0.1) < 0.05 and ext[0].verdict == "reproduced", ext
+    assert ext[0].n_a[0] == 4  # every seed against its own parent
+    pooled = compare("pooled", "token_acc", [results[s.label]["tasks"]["needle"]["probes"] for s in students
+                                             if s.variant == "kd-theta"],
+                     [results[s.label]["tasks"]["needle"]["probes"] for s in students if s.init_from is None], 256)
+    assert pooled.diff < -0.1  # what the old pool of every base said
+    assert design["tests"] == len(comps) and design["kd"] == ["kd-theta"] and design["ce"] == ["ce-theta"]
+
+
+def test_arms_of_the_same_seeds_are_paired_probe_by_probe(tmp_path):
+    """(a) and (b) differ by +0.1 on every seed, while the seeds differ far more: paired by
+    seed (same parent, same probes) the difference is definite; as independent arms it is not."""
+    from pipeline import report
+
+    def level(s):
+        far = {0: 0.1, 1: 0.6, 2: 0.3, 3: 0.8}.get(s.seed, 0.1)
+        return 0.9, far + (0.1 if s.variant == "kd-theta" else 0.0)
+
+    cfg, students, results = _study(tmp_path, level)
+    _, comps, _ = report._findings(cfg, students, results, {})
+    ab = next(c for f, t, c in comps if f == "1" and t == "needle" and c.metric == "token_acc" and "(a − b)" in c.title)
+    assert abs(ab.diff - 0.1) < 0.05 and ab.verdict == "reproduced", (ab.diff, ab.lo, ab.hi)
+    a = [results[s.label]["tasks"]["needle"]["probes"] for s in students if s.variant == "kd-theta"]
+    b = [results[s.label]["tasks"]["needle"]["probes"] for s in students if s.variant == "ce-theta"]
+    unpaired = compare("unpaired", "token_acc", a, b, 256)
+    holm([unpaired])
+    assert unpaired.lo < 0 < unpaired.hi
+
+
+def test_unlearning_is_shown_per_arm_and_named(tmp_path):
+    """At the bases' own length (256) kd-keep keeps 0.85 of its bases' 0.9 (0.94, met) and
+    kd-yarn 0.5 (0.56, not met): only kd-yarn is named."""
+    from pipeline import report
+
+    def level(s):
+        return {"kd-yarn": 0.5, "kd-keep": 0.85}.get(s.variant, 0.9), 0.1
+
+    cfg, students, results = _study(tmp_path, level)
+    lines, _, _ = report._findings(cfg, students, results, {})
+    rows = [ln for ln in lines if ln.startswith(("| kd-yarn | ", "| kd-keep | ")) and ("| needle |" in ln or "| passkey |" in ln)]
+    assert len(rows) == 2 * 2 * 2  # two arms x two tasks x two metrics
+    assert all(ln.endswith("| **no** |") for ln in rows if ln.startswith("| kd-yarn |"))
+    assert not any("**no**" in ln for ln in rows if ln.startswith("| kd-keep |"))
+    named = next(ln for ln in lines if ln.startswith("**Unlearned**"))
+    assert "`kd-yarn`" in named and "kd-keep" not in named and "kd-theta" not in named
+
+
+def test_power_section_sizes_the_next_run(tmp_path):
+    from pipeline import report
+
+    cfg, students, results = _study(tmp_path, lambda s: (0.9 if s.seed % 2 else 0.7, 0.3))
+    _, _, design = report._findings(cfg, students, results, {})
+    text = "\n".join(report._power(results, design))
+    assert f"one of m = {design['tests']} Holm tests" in text and "seeds per arm" in text and "MDD" in text
+    assert "paired by seed" in text and "two independent arms" in text

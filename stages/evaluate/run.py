@@ -18,7 +18,7 @@ from stages.evaluate.models import LoadedModel, load_model, unique_names
 from stages.evaluate.report import effective_length, markdown_table, safe_name, save_heatmap, save_loss_plot
 from stages.evaluate.retrieval import grid, score_probes
 from stages.evaluate.tasks import Haystack, Probe, build_probes, encode
-from stages.specs import EvalSpec, spec_to_dict
+from stages.specs import EVAL_FORMAT, EvalSpec, spec_to_dict
 
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
@@ -89,7 +89,9 @@ def evaluate_model(spec: EvalSpec, lm: LoadedModel, probes: dict[str, list[Probe
         scores = score_probes(lm.model, ps, ev.batch_tokens, progress)
         g = grid(ps, scores, ev.lengths, ev.depths)
         # Per probe too: the report scores claims by distance, with intervals over probes.
+        # distance = query_at - fact_at (docs/eval.md, "Distance"), both recorded so it can be checked.
         g["probes"] = [{"length": p.length, "depth": p.depth, "trial": p.trial, "distance": int(p.distance),
+                        "fact_at": p.fact_at, "query_at": p.length - 1,
                         "exact": sc["exact"], "token_acc": sc["token_acc"]} for p, sc in zip(ps, scores)]
         g["effective_length"] = effective_length(g["lengths"], g["exact"], ev.threshold)
         result["tasks"][task] = g
@@ -143,6 +145,7 @@ def run_eval(spec: EvalSpec, models: dict[str, str] | list[str | LoadedModel], o
                 torch.cuda.empty_cache()
 
     report = {
+        "format": EVAL_FORMAT,
         "models": results,
         "threshold": ev.threshold,
         "heldout_seed": spec.heldout_seed,

@@ -9,8 +9,11 @@ needle:  haystack = held-out documents (each BOS-first, concatenated, cut to fit
 passkey: haystack = a repeated filler sentence; needle = ``pass key: NNNNN.``; the context
          ends with ``pass key: ``; the answer is the 5 digits.
 
-Position ids run 0..L-1 over the context (cross_doc semantics), so the needle sits about
-(1 - d) * L positions before the query. When the tokenizer has a BOS, the context starts
+Position ids run 0..L-1 over the context (cross_doc semantics). A probe's **distance** is the
+RoPE offset q - p between the fact and the question: p = ``fact_at``, the position of the
+answer's first token inside the needle; q = L - 1, the question's last position, whose logits
+predict that token (answer token j is predicted at L - 1 + j from p + j: the same offset).
+It is about (1 - d) * L. When the tokenizer has a BOS, the context starts
 with it. Pieces (key, value, prefix, digits) are tokenized separately and concatenated, so
 the query's ids are exactly the needle's ids under any tokenizer, not only the byte one.
 Every probe is a pure function of (seed, task, length, depth, trial).
@@ -42,7 +45,12 @@ class Probe:
     trial: int
     context: list[int]  # exactly `length` ids, ending with the query
     answer: list[int]
-    distance: int  # from the answer's first token in the needle to the end of the context
+    distance: int  # q - p: the question's last position (length - 1) minus ``fact_at``
+
+    @property
+    def fact_at(self) -> int:
+        """p: the position of the answer's first token inside the needle."""
+        return self.length - 1 - self.distance
 
     def input_ids(self) -> list[int]:
         """Teacher-forced input: the context, then every answer token but the last."""
@@ -93,7 +101,9 @@ def _rng(seed: int, task: str, length: int, depth: float, trial: int) -> random.
 
 def _assemble(tok: Any, hay: list[int], needle: list[int], query: list[int], answer: list[int],
               answer_offset: int, length: int, depth: float, task: str) -> tuple[list[int], int]:
-    """``[BOS] + hay[:at] + needle + hay[at:] + query`` of exactly ``length`` ids; also the distance."""
+    """``[BOS] + hay[:at] + needle + hay[at:] + query`` of exactly ``length`` ids; also the
+    distance q - p from the answer's first token in the needle (p) to the last context
+    position (q = length - 1), whose logits predict that token."""
     bos = tok.bos_token_id
     prefix = [bos] if bos is not None else []
     if hay and bos is not None and hay[0] == bos:
@@ -107,7 +117,7 @@ def _assemble(tok: Any, hay: list[int], needle: list[int], query: list[int], ans
     ctx = prefix + hay[:at] + needle + hay[at:] + query
     assert len(ctx) == length
     answer_at = len(prefix) + at + answer_offset
-    return ctx, length - answer_at
+    return ctx, (length - 1) - answer_at
 
 
 def needle_probe(tok: Any, haystack: Haystack, alphabet: str, length: int, depth: float, trial: int,
