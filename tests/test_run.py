@@ -59,7 +59,7 @@ def test_run_end_to_end_and_rerun_reuses(tmp_path):
         # (a) against the base, (b) and (c) — no (d), (e) or control here — on two metrics each
         holm = [ln for ln in lines if ln.startswith((f"| 1 | {task} | ", f"| extension | {task} | "))]
         assert len(holm) == 6, (task, holm)
-        assert all(ln.rstrip().endswith(("**reproduced** |", "**not reproduced** |", "**inconclusive** |",
+        assert all(ln.rstrip().endswith(("**reproduced** |", "**reversed** |", "**not reproduced** |", "**inconclusive** |",
                                          "**not measured** |")) for ln in holm), holm
         # the teacher and the base inside the base's 128-token window, two metrics each
         short = [ln for ln in lines if ln.startswith(("| teacher | ", "| base-s0 | ")) and f" | {task} | " in ln]
