@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.atomic import check_output_dir
+from pipeline.atomic import OWNER_FILE, check_output_dir, owned_kind
 from pipeline.config import load_config
 from pipeline.errors import Stopped, UserError, storage_error
 
@@ -464,6 +464,8 @@ def export(ckpt: str, out: str, dtype: str) -> None:
         click.echo(f"export: wrote {export_checkpoint(local, out, dtype=dtype)}")
         return
     target = Remote(out)
+    if target.exists() and owned_kind(target.pull()) != "export":  # the push replaces the prefix's objects
+        raise UserError(f"{out}: holds objects posdistill did not export (no {OWNER_FILE}); choose another prefix")
     export_checkpoint(local, target.local, dtype=dtype)
     target.push(final=True)
     click.echo(f"export: wrote {out}")
