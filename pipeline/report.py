@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.atomic import OWNER_FILE, check_output_dir
 from pipeline.config import Config
 from stages.specs import TrainSpec
 
@@ -396,6 +397,7 @@ def write_report(graph: Any, models: dict[str, str], eval_dir: Path, analyses: d
     cfg, students = graph.cfg, graph.students
     out = cfg.out_dir
     fig = out / "report_figures"
+    check_output_dir(fig, "report")  # the user's own report_figures/ is never removed
     shutil.rmtree(fig, ignore_errors=True)
     ev = json.loads((eval_dir / "eval.json").read_text())
     results = {m["name"]: m for m in ev["models"]}
@@ -429,6 +431,7 @@ def write_report(graph: Any, models: dict[str, str], eval_dir: Path, analyses: d
         if s.label in results:
             by_variant.setdefault(s.variant, []).append(results[s.label])
     fig.mkdir(parents=True, exist_ok=True)
+    (fig / OWNER_FILE).write_text(json.dumps({"kind": "report"}) + "\n")
     teacher_name = Path(models["teacher"]).name
     if save_variant_heatmaps(by_variant, fig / "heatmaps.png",
                              f"{cfg.run.name}: exact match by depth × length, mean over seeds "
