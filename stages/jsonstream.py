@@ -264,5 +264,6 @@ def _text_value(c: Chars, field: str, where: Where, drops: dict[str, int]) -> It
         c.i += 4
         drops["null_text"] = drops.get("null_text", 0) + 1
         return
-    kind = _KINDS.get(ch, "a number")
-    raise UserError(f"data.text_field: '{field}' in {where(c)} is not a string (it holds {kind})")
+    at = where(c)
+    skip_value(c, where)  # not JSON at all is the first thing to say
+    raise UserError(f"data.text_field: '{field}' in {at} is not a string (it holds {_KINDS.get(ch, 'a number')})")
