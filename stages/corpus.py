@@ -206,13 +206,15 @@ def _count(drops: Drops, reason: str) -> None:
 def _blocks(path: Path) -> Iterator[Callable[[], bytes]]:
     """``readline(limit)`` of the file (gunzipped for .jsonl.gz); a damaged gzip stream is one
     line naming the file, wherever in the file the damage is."""
-    opener = gzip.open if data_format(path) == ".jsonl.gz" else open
-    with opener(path, "rb") as f:
+    gz = data_format(path) == ".jsonl.gz"
+    with (gzip.open if gz else open)(path, "rb") as f:
         def read() -> bytes:
             try:
                 return f.readline(_LINE_BLOCK)
-            except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+            except (EOFError, zlib.error, gzip.BadGzipFile) as err:
                 raise UserError(f"data.source: {path} is not a valid gzip file ({err})") from None
+            except OSError as err:
+                raise UserError(f"data.source: cannot read {path}: {err.strerror or err}") from None
         yield read
 
 
@@ -259,41 +261,45 @@ def _decoded(blocks: Iterator[bytes], path: Path, lineno: int) -> Iterator[str]:
         raise UserError(f"data.source: {path} line {lineno} is not valid UTF-8") from None
 
 
-def _small_record(obj: object, field: str, where: str, drops: Drops) -> str | None:
-    """The text of one parsed record; None (counted) for a null or empty one."""
+def _small_record(obj: object, field: str, place: Callable[[], str], drops: Drops) -> str | None:
+    """The text of one parsed record; None (counted) for a null or empty one. ``place()``
+    names the record for an error (only then worked out: it may cost a scan of the buffer)."""
     if not isinstance(obj, dict) or field not in obj:
         keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise UserError(f"data.text_field: '{field}' not found in {where} (keys: {keys})")
+        raise UserError(f"data.text_field: '{field}' not found in {place()} (keys: {keys})")
     text = obj[field]
     if text is None or text == "":
         _count(drops, "null_text" if text is None else "empty_text")
         return None
     if not isinstance(text, str):
-        raise UserError(f"data.text_field: '{field}' in {where} is not a string")
+        raise UserError(f"data.text_field: '{field}' in {place()} is not a string")
     bad = _SURROGATE.search(text)
     if bad:
-        raise UserError(f"data.source: {where} holds a lone surrogate \\u{ord(bad.group()):04x}, which is not "
+        raise UserError(f"data.source: {place()} holds a lone surrogate \\u{ord(bad.group()):04x}, which is not "
                         "Unicode text")
     return text
 
 
-def _twice(field: str) -> Callable[[list[tuple[str, object]]], dict]:
-    def hook(pairs: list[tuple[str, object]]) -> dict:
-        if sum(k == field for k, _ in pairs) > 1:
-            raise ValueError(field)
-        return dict(pairs)
-    return hook
+def _once(raw: str, start: int, end: int, field: str, place: Callable[[], str]) -> None:
+    """Refuse a record (``raw[start:end]``) whose top level names the text field twice:
+    ``json.loads`` would keep the last silently, and a streamed record cannot."""
+    if raw.count(f'"{field}"', start, end) < 2:  # the common case costs one count
+        return
+    top = json.loads(raw[start:end], object_pairs_hook=_Pairs)
+    if isinstance(top, _Pairs) and sum(k == field for k, _ in top) > 1:
+        raise UserError(f"data.text_field: '{field}' appears twice in {place()}")
+
+
+class _Pairs(list):
+    """An object's (key, value) pairs as ``json.loads`` read them, duplicates kept."""
 
 
 def _loads(line: str, field: str, where: str) -> object:
     try:
         obj = json.loads(line)
-        if line.count(f'"{field}"') > 1:  # rare: check the top level names the text field once
-            json.loads(line, object_pairs_hook=_twice(field))
     except json.JSONDecodeError as err:
         raise UserError(f"data.source: {where} is not valid JSON ({err.msg})") from None
-    except ValueError:
-        raise UserError(f"data.text_field: '{field}' appears twice in {where}") from None
+    _once(line, 0, len(line), field, lambda: where)
     return obj
 
 
@@ -303,7 +309,7 @@ def _jsonl(path: Path, field: str, drops: Drops) -> Iterator[Iterator[str]]:
         if rest is None:
             if not head.strip():
                 continue
-            text = _small_record(_loads(_utf8(head, path, lineno), field, where), field, where, drops)
+            text = _small_record(_loads(_utf8(head, path, lineno), field, where), field, lambda: where, drops)
             if text is not None:
                 yield iter((text,))
             continue
@@ -341,14 +347,14 @@ def _json(path: Path, field: str, drops: Drops) -> Iterator[Iterator[str]]:
         for index in itertools.count():
             c.skip_ws()
             c.fill(_LINE_BLOCK)
-            at = where(c)
             try:
                 obj, end = decoder.raw_decode(c.buf, c.i)
             except json.JSONDecodeError:  # larger than what is read ahead, or not JSON: parse it as it comes
                 yield from record(c, field, where, drops)
             else:
+                _once(c.buf, c.i, end, field, lambda: where(c))
+                text = _small_record(obj, field, lambda: where(c), drops)
                 c.i = end
-                text = _small_record(obj, field, at, drops)
                 if text is not None:
                     yield iter((text,))
             if not more(c, "]", lambda c: f"{path} line {c.position()[0]} column {c.position()[1]}"):

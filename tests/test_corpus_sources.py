@@ -151,3 +151,15 @@ def test_parquet_text_that_is_not_utf8_names_the_row(tmp_path):
                    tmp_path / "docs.parquet")
     with pytest.raises(UserError, match=r"docs\.parquet row 2 of column 'text' is not valid UTF-8"):
         _texts(tmp_path / "docs.parquet")
+
+
+def test_a_text_field_twice_is_refused_only_at_the_top_level(tmp_path):
+    nested = {"meta": {"text": 1}, "text": "kept"}
+    raw = '{"meta": {"text": 1, "text": 2}, "text": "kept"}'
+    (tmp_path / "a.jsonl").write_text(raw + "\n")
+    (tmp_path / "a.json").write_text(f"[{raw}, {json.dumps(nested)}]")
+    assert _texts(tmp_path / "a.jsonl") == ["kept"]
+    assert _texts(tmp_path / "a.json") == ["kept", "kept"]
+    (tmp_path / "b.json").write_text('[{"text": "a"}, {"text": "b", "x": 1, "text": "c"}]')
+    with pytest.raises(UserError, match=r"twice in .*b\.json element 1"):
+        _texts(tmp_path / "b.json")
