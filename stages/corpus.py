@@ -169,7 +169,8 @@ def resolve_files(source: str) -> list[Path]:
     else:
         files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
     if not files:
-        raise UserError(f"data.source: no data files ({', '.join(SUFFIXES)}) or saved dataset at '{source}'")
+        raise UserError(f"data.source: no .jsonl/.parquet/.txt files or saved dataset at '{source}' "
+                        "(nor .jsonl.gz or .json files)")
     for f in files:
         if f.is_file() and data_format(f) is None:
             raise UserError(f"data.source: {f} has unsupported suffix '{f.suffix}' (use {', '.join(SUFFIXES)})")

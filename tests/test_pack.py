@@ -151,7 +151,7 @@ def _fails(tmp_path, match, **over):
 
 
 def test_bad_inputs(tmp_path):
-    _fails(tmp_path, r"no data files \(.jsonl.gz, .jsonl, .json, .parquet, .txt\)", data={"source": str(tmp_path / "missing/*.jsonl")})
+    _fails(tmp_path, "no .jsonl/.parquet/.txt files", data={"source": str(tmp_path / "missing/*.jsonl")})
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     _fails(tmp_path, "yielded no documents", data={"source": str(empty)})
