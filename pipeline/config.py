@@ -103,8 +103,8 @@ class PeriodicConfig(Strict):
 
 
 class DataConfig(Strict):
-    # "synthetic" (text documents), "periodic" (token-id documents), a path or glob of
-    # .jsonl/.parquet/.txt files, a datasets.save_to_disk dir, or a Hugging Face dataset id
+    # "synthetic" (text documents), "periodic" (token-id documents), a path, glob or directory of
+    # .jsonl/.jsonl.gz/.json/.parquet/.txt files, a datasets.save_to_disk dir, or a Hugging Face dataset id
     # "org/name[@revision]" (its .jsonl/.parquet/.txt files; pipeline/locate.py).
     source: str = "synthetic"
     text_field: str = "text"

@@ -7,18 +7,23 @@ what the teacher and student see without anyone noticing.
 
 from __future__ import annotations
 
+import codecs
 import glob
+import gzip
+import itertools
 import json
 import random
+import re
+import sys
+import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pipeline.config import DataConfig, PeriodicConfig, SyntheticConfig
 from pipeline.errors import UserError
 from pipeline.fingerprint import dir_identity, file_identity
 from pipeline.locate import OBJECT_STORE_SCHEMES, hub_ref, hub_wanted, local_path, ref_identity
-
-SUFFIXES = (".jsonl", ".parquet", ".txt")
+from stages.jsonstream import Chars, more, record
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -99,32 +104,87 @@ def synthetic_documents(cfg: SyntheticConfig, doc_len: tuple[int, int], seed: in
 
 # ----------------------------------------------------------------------------- files
 
+# The formats a data file may have (matched case-insensitively on the name's end).
+SUFFIXES = (".jsonl.gz", ".jsonl", ".json", ".parquet", ".txt")
+_SAVED = ("dataset_info.json", "dataset_dict.json")  # what marks a datasets.save_to_disk directory
+_LINE_BLOCK = 1 << 20  # a line longer than this is read (and its text handed on) in blocks
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_warned: set[str] = set()
+
+
+def data_format(path: Path) -> str | None:
+    """The suffix in ``SUFFIXES`` that ``path``'s name ends with (any case), else None."""
+    name = path.name.lower()
+    return next((s for s in SUFFIXES if name.endswith(s)), None)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return any((path / m).exists() for m in _SAVED)
+
+
+def _walk(root: Path) -> tuple[list[Path], list[Path]]:
+    """(data files and saved-dataset directories, other files) under ``root``, recursively, in
+    sorted path order, so the corpus order never depends on the file system's."""
+    found: list[Path] = []
+    other: list[Path] = []
+    for entry in sorted(root.iterdir(), key=lambda e: e.name):
+        if entry.is_dir():
+            if _is_saved_dataset(entry):
+                found.append(entry)
+            else:
+                sub, rest = _walk(entry)
+                found += sub
+                other += rest
+        elif entry.is_file():
+            (found if data_format(entry) else other).append(entry)
+    return found, other
+
+
+def _warn_skipped(source: str, root: Path, skipped: list[Path]) -> None:
+    """One warning per source and process naming the files a directory holds that are not data."""
+    if not skipped or source in _warned:
+        return
+    _warned.add(source)
+    names = [str(p.relative_to(root)) for p in skipped]
+    more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+    print(f"warning: data.source: skipped {len(names)} file(s) under {root} that are not "
+          f"{'/'.join(SUFFIXES)}: {', '.join(names[:10])}{more}", file=sys.stderr)
+
 
 def resolve_files(source: str) -> list[Path]:
     """Expand a path, directory of files, glob, or Hugging Face dataset id (``org/name[@revision]``:
-    its .jsonl/.parquet/.txt files, like a local directory of them) into a sorted list of data files."""
+    its .jsonl/.parquet/.txt files, like a local directory of them) into a sorted list of data files
+    (and ``save_to_disk`` directories). Under a directory every file of a known format is read,
+    subdirectories included; the others are named in one warning."""
     if hub_ref(source, "dataset") is not None:
         return _hub_files(source)
     p = local_path(source, "data.source", "dataset") if source.startswith(OBJECT_STORE_SCHEMES) else Path(source)
     if p.is_dir():
-        if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
+        if _is_saved_dataset(p):
             return [p]
-        files = sorted(f for f in p.rglob("*") if f.suffix in SUFFIXES and f.is_file())
+        files, skipped = _walk(p)
+        _warn_skipped(source, p, skipped)
     elif p.is_file():
         files = [p]
     else:
         files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
     if not files:
-        raise UserError(f"data.source: no .jsonl/.parquet/.txt files or saved dataset at '{source}'")
+        raise UserError(f"data.source: no .jsonl/.parquet/.txt files or saved dataset at '{source}' "
+                        "(nor .jsonl.gz or .json files)")
     for f in files:
-        if f.is_file() and f.suffix not in SUFFIXES:
-            raise UserError(f"data.source: {f} has unsupported suffix '{f.suffix}' (use .jsonl, .parquet or .txt)")
+        if f.is_file() and data_format(f) is None:
+            raise UserError(f"data.source: {f} has unsupported suffix '{f.suffix}' (use {', '.join(SUFFIXES)})")
+    _check_readable(files)
+    return files
+
+
+def _check_readable(files: list[Path]) -> None:
+    for f in files:
         try:
             if f.is_file():
                 open(f, "rb").close()
         except OSError as err:
             raise UserError(f"data.source: cannot read {f}: {err.strerror}") from None
-    return files
 
 
 def _hub_files(source: str) -> list[Path]:
@@ -133,49 +193,234 @@ def _hub_files(source: str) -> list[Path]:
     if not files:
         raise UserError(f"data.source: the Hugging Face dataset '{source}' (commit {root.name[:12]}) has no "
                         ".jsonl/.parquet/.txt files")
-    for f in files:
-        try:
-            open(f, "rb").close()
-        except OSError as err:
-            raise UserError(f"data.source: cannot read {f}: {err.strerror}") from None
+    _check_readable(files)
     return files
 
 
-def _jsonl(path: Path, field: str) -> Iterator[str]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
+Drops = dict  # reason ("null_text", "empty_text") -> rows dropped for it
+
+
+def _count(drops: Drops, reason: str) -> None:
+    drops[reason] = drops.get(reason, 0) + 1
+
+
+def _blocks(path: Path) -> Iterator[Callable[[], bytes]]:
+    """``readline(limit)`` of the file (gunzipped for .jsonl.gz); a damaged gzip stream is one
+    line naming the file, wherever in the file the damage is."""
+    gz = data_format(path) == ".jsonl.gz"
+    with (gzip.open if gz else open)(path, "rb") as f:
+        def read() -> bytes:
+            try:
+                return f.readline(_LINE_BLOCK)
+            except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+                raise UserError(f"data.source: {path} is not a valid gzip file ({err})") from None
+            except OSError as err:
+                raise UserError(f"data.source: cannot read {path}: {err.strerror or err}") from None
+        yield read
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes, Iterator[bytes] | None]]:
+    """(line number, line or its first block, the line's further blocks when it is long)."""
+    for read in _blocks(path):
+        lineno = 0
+        while True:
+            head = read()
+            if not head:
+                return
+            lineno += 1
+            if head.endswith(b"\n") or len(head) < _LINE_BLOCK:
+                yield lineno, head, None
                 continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"data.source: {path} line {lineno} is not valid UTF-8") from None
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"data.source: {path} line {lineno} is not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict) or field not in obj:
-                keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise UserError(f"data.text_field: '{field}' not found in {path} line {lineno} (keys: {keys})")
-            text = obj[field]
-            if not isinstance(text, str):
-                raise UserError(f"data.text_field: '{field}' in {path} line {lineno} is not a string")
-            yield text
+            def more(first: bytes = head) -> Iterator[bytes]:
+                last = first
+                while not last.endswith(b"\n"):
+                    last = read()
+                    if not last:
+                        return
+                    yield last
+            rest = more()
+            yield lineno, head, rest
+            for _ in rest:  # the reader stopped early: skip to the next line
+                pass
 
 
-def _txt(path: Path) -> Iterator[str]:
-    """One document per non-empty line."""
+def _utf8(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"data.source: {path} line {lineno} is not valid UTF-8") from None
+
+
+def _decoded(blocks: Iterator[bytes], path: Path, lineno: int) -> Iterator[str]:
+    """Blocks of one line decoded as UTF-8 (a character split between blocks is kept whole)."""
+    dec = codecs.getincrementaldecoder("utf-8")()
+    try:
+        for raw in blocks:
+            yield dec.decode(raw)
+        yield dec.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UserError(f"data.source: {path} line {lineno} is not valid UTF-8") from None
+
+
+def _small_record(obj: object, field: str, place: Callable[[], str], drops: Drops) -> str | None:
+    """The text of one parsed record; None (counted) for a null or empty one. ``place()``
+    names the record for an error (only then worked out: it may cost a scan of the buffer)."""
+    if not isinstance(obj, dict) or field not in obj:
+        keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise UserError(f"data.text_field: '{field}' not found in {place()} (keys: {keys})")
+    text = obj[field]
+    if text is None or text == "":
+        _count(drops, "null_text" if text is None else "empty_text")
+        return None
+    if not isinstance(text, str):
+        raise UserError(f"data.text_field: '{field}' in {place()} is not a string")
+    bad = _SURROGATE.search(text)
+    if bad:
+        raise UserError(f"data.source: {place()} holds a lone surrogate \\u{ord(bad.group()):04x}, which is not "
+                        "Unicode text")
+    return text
+
+
+def _once(raw: str, start: int, end: int, field: str, place: Callable[[], str]) -> None:
+    """Refuse a record (``raw[start:end]``) whose top level names the text field twice:
+    ``json.loads`` would keep the last silently, and a streamed record cannot."""
+    if raw.count(f'"{field}"', start, end) < 2:  # the common case costs one count
+        return
+    top = json.loads(raw[start:end], object_pairs_hook=_Pairs)
+    if isinstance(top, _Pairs) and sum(k == field for k, _ in top) > 1:
+        raise UserError(f"data.text_field: '{field}' appears twice in {place()}")
+
+
+class _Pairs(list):
+    """An object's (key, value) pairs as ``json.loads`` read them, duplicates kept."""
+
+
+def _loads(line: str, field: str, where: str) -> object:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"data.source: {where} is not valid JSON ({err.msg})") from None
+    _once(line, 0, len(line), field, lambda: where)
+    return obj
+
+
+def _jsonl(path: Path, field: str, drops: Drops) -> Iterator[Iterator[str]]:
+    for lineno, head, rest in _lines(path):
+        where = f"{path} line {lineno}"
+        if rest is None:
+            if not head.strip():
+                continue
+            text = _small_record(_loads(_utf8(head, path, lineno), field, where), field, lambda: where, drops)
+            if text is not None:
+                yield iter((text,))
+            continue
+        c = Chars(_decoded(itertools.chain([head], rest), path, lineno), lineno)
+        c.skip_ws()
+        if not c.peek():
+            continue
+        yield from record(c, field, lambda _c: where, drops)
+        c.skip_ws()
+        if c.peek():
+            raise UserError(f"data.source: {where} is not valid JSON (Extra data)")
+
+
+def _json(path: Path, field: str, drops: Drops) -> Iterator[Iterator[str]]:
+    """A JSON array of objects, or JSON lines (one object per line) under a .json name."""
+    blocks = _file_text(path)
+    c = Chars(blocks)
+    c.skip_ws()
+    if c.peek() != "[":
+        blocks.close()
+        yield from _jsonl(path, field, drops)
+        return
+
+    index = 0
+
+    def where(c: Chars) -> str:
+        line, col = c.position()
+        return f"{path} element {index} (line {line} column {col})"
+    c.i += 1
+    c.skip_ws()
+    if c.peek() == "]":
+        c.i += 1
+    else:
+        decoder = json.JSONDecoder()
+        for index in itertools.count():
+            c.skip_ws()
+            c.fill(_LINE_BLOCK)
+            try:
+                obj, end = decoder.raw_decode(c.buf, c.i)
+            except json.JSONDecodeError:  # larger than what is read ahead, or not JSON: parse it as it comes
+                yield from record(c, field, where, drops)
+            else:
+                _once(c.buf, c.i, end, field, lambda: where(c))
+                text = _small_record(obj, field, lambda: where(c), drops)
+                c.i = end
+                if text is not None:
+                    yield iter((text,))
+            if not more(c, "]", lambda c: f"{path} line {c.position()[0]} column {c.position()[1]}"):
+                break
+    c.skip_ws()
+    if c.peek():
+        line, col = c.position()
+        raise UserError(f"data.source: {path} line {line} column {col} is not valid JSON (Extra data)")
+
+
+def _file_text(path: Path) -> Iterator[str]:
+    """The whole file decoded as UTF-8, in blocks; an error names the line."""
+    dec = codecs.getincrementaldecoder("utf-8")()
+    lines = 1
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        while True:
+            raw = f.read(_LINE_BLOCK)
             try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError:
-                raise UserError(f"data.source: {path} line {lineno} is not valid UTF-8") from None
+                yield dec.decode(raw, final=not raw)
+            except UnicodeDecodeError as err:
+                line = lines + raw[:max(err.start, 0)].count(b"\n")
+                raise UserError(f"data.source: {path} line {line} is not valid UTF-8") from None
+            if not raw:
+                return
+            lines += raw.count(b"\n")
+
+
+def _txt(path: Path, drops: Drops) -> Iterator[Iterator[str]]:
+    """One document per non-empty line (a line of whitespace is no document)."""
+    for lineno, head, rest in _lines(path):
+        if rest is None:
+            line = _utf8(head, path, lineno).rstrip("\r\n")
             if line.strip():
-                yield line
+                yield iter((line,))
+            continue
+        doc = _long_line(_decoded(itertools.chain([head], rest), path, lineno))
+        first = next(doc, None)
+        if first is not None:
+            yield itertools.chain([first], doc)
+            for _ in doc:
+                pass
 
 
-def _parquet(path: Path, field: str) -> Iterator[str]:
+def _long_line(parts: Iterator[str]) -> Iterator[str]:
+    """A long .txt line's text as read, without its line end; nothing if it is all whitespace
+    (leading whitespace is held until the line shows text)."""
+    lead: list[str] = []
+    end = ""  # a run of \r / \n that may be the line's end
+    started = False
+    for part in parts:
+        part = end + part
+        text = part.rstrip("\r\n")
+        end = part[len(text):]
+        if started:
+            if text:
+                yield text
+        elif text.strip():
+            started = True
+            yield "".join(lead) + text
+            lead = []
+        else:
+            lead.append(text)
+
+
+def _parquet(path: Path, field: str, drops: Drops) -> Iterator[Iterator[str]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -188,13 +433,38 @@ def _parquet(path: Path, field: str) -> Iterator[str]:
     kind = pf.schema_arrow.field(field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
         raise UserError(f"data.text_field: column '{field}' of {path} holds {kind}, not text")
-    for batch in pf.iter_batches(columns=[field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            if text:
-                yield text
+    row = 0
+    try:
+        for batch in pf.iter_batches(columns=[field], batch_size=1024):
+            column = batch.column(0)
+            try:
+                column.validate(full=True)
+            except pa.ArrowInvalid:
+                bad = next(i for i, v in enumerate(column) if v.is_valid and not _valid_utf8(v.as_buffer()))
+                raise UserError(f"data.source: {path} row {row + bad} of column '{field}' is not valid UTF-8") from None
+            yield from _rows(column.to_pylist(), drops)
+            row += len(batch)
+    except (OSError, pa.ArrowException) as err:
+        raise UserError(f"data.source: {path} is not a readable Parquet file ({err})") from None
 
 
-def _saved_dataset(path: Path, field: str) -> Iterator[str]:
+def _valid_utf8(buf: object) -> bool:
+    try:
+        bytes(buf).decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _rows(texts: list[str | None], drops: Drops) -> Iterator[Iterator[str]]:
+    for text in texts:
+        if text:
+            yield iter((text,))
+        else:
+            _count(drops, "null_text" if text is None else "empty_text")
+
+
+def _saved_dataset(path: Path, field: str, drops: Drops) -> Iterator[Iterator[str]]:
     import datasets
 
     try:
@@ -209,28 +479,47 @@ def _saved_dataset(path: Path, field: str) -> Iterator[str]:
     if kind not in ("string", "large_string"):
         raise UserError(f"data.text_field: column '{field}' of {path} holds {ds.features[field]}, not text")
     # Arrow-backed and memory-mapped: iterating column batches does not load the corpus.
-    for batch in ds.select_columns([field]).iter(batch_size=1024):
-        for text in batch[field]:
-            if text:
-                yield text
+    batches = ds.select_columns([field]).iter(batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+        except UnicodeDecodeError:
+            raise UserError(f"data.source: column '{field}' of the saved dataset {path} is not valid UTF-8") from None
+        if batch is None:
+            return
+        yield from _rows(batch[field], drops)
 
 
-def iter_documents(data: DataConfig, doc_len: tuple[int, int], seed: int) -> Iterator[str]:
+def iter_texts(data: DataConfig, doc_len: tuple[int, int], seed: int,
+               drops: Drops | None = None) -> Iterator[Iterator[str]]:
+    """Every document as an iterator of its text's pieces, so a document of any length is
+    read in bounded memory; read each before asking for the next. Rows dropped for a null or
+    empty text are counted in ``drops``."""
     if data.source == "periodic":
         raise UserError("data.source: 'periodic' documents are token ids, usable only as training data to pack "
                         "(a train phase's data), not as text")
     if data.source == "synthetic":
-        yield from synthetic_documents(data.synthetic, doc_len, seed)
+        yield from (iter((d,)) for d in synthetic_documents(data.synthetic, doc_len, seed))
         return
+    drops = {} if drops is None else drops
     for path in resolve_files(data.source):
-        if path.is_dir():
-            yield from _saved_dataset(path, data.text_field)
-        elif path.suffix == ".jsonl":
-            yield from _jsonl(path, data.text_field)
-        elif path.suffix == ".txt":
-            yield from _txt(path)
+        kind = None if path.is_dir() else data_format(path)
+        if kind is None:
+            yield from _saved_dataset(path, data.text_field, drops)
+        elif kind in (".jsonl", ".jsonl.gz"):
+            yield from _jsonl(path, data.text_field, drops)
+        elif kind == ".json":
+            yield from _json(path, data.text_field, drops)
+        elif kind == ".txt":
+            yield from _txt(path, drops)
         else:
-            yield from _parquet(path, data.text_field)
+            yield from _parquet(path, data.text_field, drops)
+
+
+def iter_documents(data: DataConfig, doc_len: tuple[int, int], seed: int) -> Iterator[str]:
+    """Every document's text whole (for readers that keep a bounded pool of short documents)."""
+    for doc in iter_texts(data, doc_len, seed):
+        yield "".join(doc)
 
 
 def source_identity(data: DataConfig) -> object:

@@ -13,6 +13,7 @@ Output (DESIGN.md contract), one row per window:
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
@@ -28,9 +29,9 @@ from pipeline.atomic import atomic_dir
 from pipeline.errors import UserError
 from pipeline.progress import Progress, human
 from pipeline.resources import require_memory
-from stages.corpus import iter_documents, periodic_documents
+from stages.corpus import iter_texts, periodic_documents
 from stages.specs import PackSpec
-from stages.tokenizer import load_tokenizer
+from stages.tokenizer import PIECE_CHARS, TextEncoder, load_tokenizer
 
 SCHEMA = pa.schema([
     ("window_id", pa.int64()),
@@ -58,6 +59,8 @@ class PackStats:
     docs_read: int = 0
     docs_kept: int = 0
     docs_dropped: int = 0
+    rows_null_text: int = 0  # records whose text field is null (dropped)
+    rows_empty_text: int = 0  # records whose text field is "" (dropped)
     chunks_kept: int = 0
     chunks_dropped: int = 0
     tokens_read: int = 0
@@ -69,15 +72,19 @@ class PackStats:
 
     def summary(self) -> str:
         rate = self.tokens_read / max(self.seconds, 1e-9)
-        return (f"pack: docs read {self.docs_read}, kept {self.docs_kept}, dropped {self.docs_dropped} "
+        rows = (f"rows dropped {self.rows_null_text} null text, {self.rows_empty_text} empty text; "
+                if self.rows_null_text or self.rows_empty_text else "")
+        return (f"pack: {rows}docs read {self.docs_read}, kept {self.docs_kept}, dropped {self.docs_dropped} "
                 f"(chunks dropped {self.chunks_dropped}, {self.tokens_dropped_short} tokens); "
                 f"tokens {self.tokens_read} -> {self.windows} windows ({self.tokens_in_windows} tokens), "
                 f"tail discarded {self.tokens_discarded_tail} tokens; "
                 f"{human(rate)} tokens/s in {self.seconds:.1f}s")
 
 
-def _token_documents(spec: PackSpec) -> Iterator[list[int]]:
-    """Documents as token ids, BOS first when the tokenizer has one."""
+def _token_documents(spec: PackSpec, drops: dict[str, int]) -> Iterator[Iterator[np.ndarray]]:
+    """Documents as token ids in parts (BOS first when the tokenizer has one): a document of up
+    to ``PIECE_CHARS`` characters in one part, encoded in a batch with others; a longer one
+    streamed part by part, so memory does not grow with a document's length."""
     tok = load_tokenizer(spec.data.tokenizer)
     lo, hi = spec.pack.doc_len
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
@@ -89,37 +96,71 @@ def _token_documents(spec: PackSpec) -> Iterator[list[int]]:
             raise UserError(f"data.periodic.alphabet_size {spec.data.periodic.alphabet_size} exceeds the "
                             f"vocabulary of {spec.data.tokenizer} ({len(tok)} ids)")
         for ids in periodic_documents(spec.data.periodic, doc_len, spec.seed):
-            yield bos + ids
+            yield iter((np.asarray(bos + ids, dtype=np.int32),))
         return
-    docs = iter_documents(spec.data, doc_len, spec.seed)
-    while True:
-        batch = [d for _, d in zip(range(_TOKENIZE_BATCH), docs)]
-        if not batch:
-            return
-        for ids in tok(batch, add_special_tokens=False)["input_ids"]:
-            yield bos + ids
+    encoder = TextEncoder(tok, byte=spec.data.tokenizer == "byte")
+    head = np.asarray(bos, dtype=np.int32)
+    batch: list[str] = []
+    size = 0
+
+    def flush() -> Iterator[Iterator[np.ndarray]]:
+        nonlocal size
+        for ids in encoder.batch(batch):
+            yield iter((np.concatenate([head, ids]) if len(head) else ids,))
+        batch.clear()
+        size = 0
+
+    for doc in iter_texts(spec.data, doc_len, spec.seed, drops):
+        held: list[str] = []
+        n = 0
+        for piece in doc:
+            held.append(piece)
+            n += len(piece)
+            if n > PIECE_CHARS:
+                break
+        else:
+            batch.append("".join(held))
+            size += n
+            if len(batch) == _TOKENIZE_BATCH or size >= PIECE_CHARS:
+                yield from flush()
+            continue
+        yield from flush()
+        yield itertools.chain([head], encoder.stream(itertools.chain(held, doc)))
+    yield from flush()
 
 
 def _chunks(spec: PackSpec, stats: PackStats, progress: Progress) -> Iterator[np.ndarray]:
-    """Tokenized, chunked documents in corpus order."""
+    """Tokenized, chunked documents in corpus order; each chunk its own array, so what the
+    shuffle buffer holds is bounded by its size, not by the documents the chunks came from."""
     lo, hi = spec.pack.doc_len
-    for ids in _token_documents(spec):
-        arr = np.asarray(ids, dtype=np.int32)
+    drops: dict[str, int] = {}
+    for doc in _token_documents(spec, drops):
         stats.docs_read += 1
-        stats.tokens_read += len(arr)
+        n = 0
         kept = False
-        for start in range(0, len(arr), hi):
-            chunk = arr[start:start + hi]
-            if len(chunk) < lo:
-                stats.chunks_dropped += 1
-                stats.tokens_dropped_short += len(chunk)
-                continue
+        rest = np.empty(0, dtype=np.int32)
+        for part in doc:
+            stats.tokens_read += len(part)
+            n += len(part)
+            arr = np.concatenate([rest, part]) if len(rest) else part
+            whole = len(arr) - len(arr) % hi
+            for start in range(0, whole, hi):
+                kept = True
+                stats.chunks_kept += 1
+                yield arr[start:start + hi].copy()
+            rest = arr[whole:]
+        if len(rest) >= lo:
             kept = True
             stats.chunks_kept += 1
-            yield chunk
+            yield rest.copy()
+        elif len(rest):
+            stats.chunks_dropped += 1
+            stats.tokens_dropped_short += len(rest)
         stats.docs_kept += kept
         stats.docs_dropped += not kept
-        progress.update(1, len(arr))
+        progress.update(1, n)
+        stats.rows_null_text, stats.rows_empty_text = drops.get("null_text", 0), drops.get("empty_text", 0)
+    stats.rows_null_text, stats.rows_empty_text = drops.get("null_text", 0), drops.get("empty_text", 0)
 
 
 def _shuffled(items: Iterator[np.ndarray], buffer: int, rng: random.Random) -> Iterator[np.ndarray]:

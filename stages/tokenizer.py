@@ -8,7 +8,11 @@ like any other model, and using it fetches nothing.
 
 from __future__ import annotations
 
-from typing import Any
+import bisect
+import re
+from typing import Any, Iterator
+
+import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.fingerprint import dir_identity
@@ -128,3 +132,131 @@ def check_teacher_tokenizer(data_tokenizer: str, model: str, tokenizer: str | No
     if why is not None:
         raise UserError(f"data.tokenizer '{data_tokenizer}' is not the tokenizer of {field} '{theirs}' ({why}): "
                         "tokenize the data with the teacher's tokenizer (set data.tokenizer to it)")
+
+
+# ----------------------------------------------------------------------------- encoding in pieces
+
+PIECE_CHARS = 1 << 18  # a document longer than this is encoded piece by piece
+_CONTEXT = 512  # characters each side of a seam that decide whether it is one
+_TRIES = 8  # seam candidates tried per attempt (then the piece grows and it tries again)
+_SPECIAL = re.compile("|".join(re.escape(t) for t in sorted(BYTE_SPECIALS, key=len, reverse=True)))
+_SEAM = re.compile(r"(?<=\S)(?=\s)")
+
+
+def byte_ids(text: str) -> np.ndarray:
+    """The byte tokenizer's ids for ``text``, as ``build_byte_tokenizer()`` gives them (its
+    specials spelled out in the text are those specials), without building Python lists."""
+    parts = []
+    at = 0
+    for m in _SPECIAL.finditer(text) if "<" in text else ():
+        parts.append(np.frombuffer(text[at:m.start()].encode("utf-8"), dtype=np.uint8))
+        parts.append(np.array([256 + BYTE_SPECIALS.index(m.group())]))
+        at = m.end()
+    parts.append(np.frombuffer(text[at:].encode("utf-8"), dtype=np.uint8))
+    return np.concatenate(parts).astype(np.int32) if len(parts) > 1 else parts[0].astype(np.int32)
+
+
+class TextEncoder:
+    """Token ids of documents, whole or streamed piece by piece with the same result.
+
+    A document longer than ``PIECE_CHARS`` is cut at seams and each part encoded alone, so
+    memory does not grow with its length. For the byte tokenizer any seam outside a special's
+    spelling is exact. For a Hugging Face tokenizer a seam is taken only where the ids around
+    it (``_CONTEXT`` characters each side) are the same whether the text is encoded across it
+    or from it on, and each part is encoded with that left context, so prefix spaces and
+    merges across the seam cannot differ; where no place passes, the part grows until one does.
+    A slow (Python) tokenizer has no offsets to check with and encodes the document whole.
+    """
+
+    def __init__(self, tok: Any, byte: bool):
+        self.tok = tok
+        self.byte = byte
+
+    def batch(self, texts: list[str]) -> list[np.ndarray]:
+        if self.byte or not texts:
+            return [byte_ids(t) for t in texts]
+        return [np.asarray(ids, dtype=np.int32) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]]
+
+    def stream(self, pieces: Iterator[str]) -> Iterator[np.ndarray]:
+        if self.byte:
+            yield from self._byte_stream(pieces)
+        elif not getattr(self.tok, "is_fast", False):
+            yield from self.batch(["".join(pieces)])
+        else:
+            yield from self._hf_stream(pieces)
+
+    def _byte_stream(self, pieces: Iterator[str]) -> Iterator[np.ndarray]:
+        held, at = "", 0
+        longest = max(map(len, BYTE_SPECIALS))
+        for piece in pieces:
+            held = held[at:] + piece
+            at = 0
+            while len(held) - at >= PIECE_CHARS:
+                cut = at + PIECE_CHARS
+                tail = held[cut - (longest - 1):cut]
+                if "<" in tail:  # a special's spelling may go on past the cut
+                    cut -= len(tail) - tail.index("<")
+                yield byte_ids(held[at:cut])
+                at = cut
+        if len(held) > at:
+            yield byte_ids(held[at:])
+
+    def _encode(self, text: str) -> tuple[list[int], list[int], list[int]]:
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        return list(enc["input_ids"]), [s for s, _ in offsets], [e for _, e in offsets]
+
+    def _hf_stream(self, pieces: Iterator[str]) -> Iterator[np.ndarray]:
+        text, base = "", 0  # text[:base]: context already encoded; text[base:]: not yet
+        span = PIECE_CHARS  # grows while no seam passes
+        for piece in pieces:
+            keep = max(0, base - _CONTEXT)
+            text, base = text[keep:] + piece, base - keep
+            while len(text) - base >= span + _CONTEXT:
+                found = self._seam(text, base, span)
+                if found is None:
+                    span *= 2
+                    continue
+                ids, base = found
+                span = PIECE_CHARS
+                yield ids
+        w0 = max(0, base - _CONTEXT)
+        ids, starts, _ = self._encode(text[w0:])
+        yield np.asarray([i for i, s in zip(ids, starts) if s + w0 >= base], dtype=np.int32)
+
+    def _seam(self, text: str, base: int, span: int) -> tuple[np.ndarray, int] | None:
+        """(ids of text[base:cut], cut) for the latest seam in the next ``span`` characters
+        that passes the check, else None."""
+        w0, hi = max(0, base - _CONTEXT), base + span
+        lo = base + span // 2
+        ids, starts, ends = self._encode(text[w0:hi + _CONTEXT])
+        starts, ends = [s + w0 for s in starts], [e + w0 for e in ends]
+        spaced = [m.start() for m in _SEAM.finditer(text, lo, hi)][-_TRIES:][::-1]
+        anywhere = list(range(hi, lo, -max(1, (hi - lo) // _TRIES)))[:_TRIES]
+        for cut in spaced + anywhere:
+            k = _boundary(starts, ends, cut)
+            if k is None:
+                continue
+            v_ids, v_starts, v_ends = self._encode(text[cut - _CONTEXT:cut + _CONTEXT])
+            v_starts = [s + cut - _CONTEXT for s in v_starts]
+            v_ends = [e + cut - _CONTEXT for e in v_ends]
+            if _boundary(v_starts, v_ends, cut) is None or _near(v_ids, v_starts, cut) != _near(ids, starts, cut):
+                continue
+            first = bisect.bisect_left(starts, base)
+            return np.asarray(ids[first:k], dtype=np.int32), cut
+        return None
+
+
+def _boundary(starts: list[int], ends: list[int], cut: int) -> int | None:
+    """The index of the first token at or after ``cut`` when no token spans it, else None."""
+    k = bisect.bisect_left(starts, cut)
+    if k == 0 or k == len(starts) or ends[k - 1] > cut:
+        return None
+    return k
+
+
+def _near(ids: list[int], starts: list[int], cut: int) -> list[tuple[int, int]]:
+    """(start, id) of the tokens starting within half a context of ``cut``."""
+    a = bisect.bisect_left(starts, cut - _CONTEXT // 2)
+    b = bisect.bisect_left(starts, cut + _CONTEXT // 2)
+    return list(zip(starts[a:b], ids[a:b]))
