@@ -120,7 +120,8 @@ def make_plan(cfg: Config, teacher_config: str | None = None, student_config: st
     teacher_src = teacher_config or cfg.teacher.model
     if teacher_src is None:
         raise UserError("teacher.model: plan needs the teacher's config.json (or --teacher-config)")
-    teacher = Arch.from_hf(_read_hf_config(teacher_src, "teacher.model"))
+    teacher_conf = _read_hf_config(teacher_src, "teacher.model")
+    teacher = Arch.from_hf(teacher_conf)
     if cfg.student is None:
         raise UserError("student: plan needs student.config or student.init")
     if student_config or cfg.student.init:
@@ -138,8 +139,13 @@ def make_plan(cfg: Config, teacher_config: str | None = None, student_config: st
     specs = train_specs(cfg)
     if not specs:
         raise UserError("train.phases: plan needs at least one phase (or students:)")
+    from stages.model_config import context_note, text_part
+
     for spec in specs:
         check_seed(spec.seed, f"train.seed (or run.seed, students[].seeds) of student {spec.label}")
+        for ph in spec.phases:
+            if ph.cache is not None:  # the teacher reads this phase's windows
+                context_note(text_part(teacher_conf), f"teacher.model {teacher_src}", ph.window_len, teacher_src)
     _check_tokenizer_fits(cfg.data.tokenizer, teacher.vocab, student.vocab, student_config or cfg.student.init)
     bpe = _bytes_per_entry()
     peak = p.gpu_tflops * 1e12 * p.mfu

@@ -22,7 +22,7 @@ def teacher_vocab_size(spec: TrainSpec) -> tuple[int, str]:
     """The teacher's output vocabulary and where it came from (for error messages)."""
     model = spec.teacher_model
     if model and ((Path(model) / "config.json").is_file() or is_remote(model)):
-        from stages.teacher import teacher_vocab
+        from stages.model_config import teacher_vocab
 
         try:
             return teacher_vocab(model), f"teacher.model {model}"

@@ -75,11 +75,6 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_train_input(case: Case, tmp_path: Path):
-    bad.test_bad_input(case, tmp_path)  # its assertions, on these cases
-
-
 def test_arch_check_takes_exactly_what_llama_runs():
     """The rule is the model's, not the examples': every accepted size builds and runs a
     forward, every refused one fails to."""
@@ -115,3 +110,93 @@ def test_arch_check_takes_exactly_what_llama_runs():
                     assert runs == (refused is None), (arch, refused)
                     seen["accepted" if runs else "refused"] += 1
     assert seen["accepted"] > 10 and seen["refused"] > 10, seen
+
+
+# ----------------------------------------------------------------------------- teacher context
+
+
+def _short_teacher(max_positions: int, rope: dict[str, Any] | None = None):
+    def make(tiny: Path, root: Path) -> Path:
+        """A teacher trained (by its config) for ``max_positions`` tokens; windows are 128."""
+        from helpers import make_tiny_llama
+
+        extra = {"rope_parameters": {"rope_theta": 10000.0, **rope}} if rope else {}
+        return make_tiny_llama(root / "teacher", max_position_embeddings=max_positions, **extra)
+    return make
+
+
+def _context_case(command: str, id: str, names: list[str], max_positions: int, rope: dict[str, Any] | None = None,
+                  **sections: Any) -> Case:
+    def build(root: Path) -> list[str]:
+        teacher = _short_teacher(max_positions, rope)(Path(), root)
+        cfg = _cfg(root, teacher={"model": str(teacher)}, cache={"k": 8}, **sections)
+        return [*command.split(), str(cfg)]
+    return Case(f"{command.replace(' ', '-')}-{id}", build, names)
+
+
+CONTEXT = ["teacher.model", "max_position_embeddings 64", "128 tokens"]
+CASES += [
+    _context_case("cache run", "teacher-context-below-window", CONTEXT, 64),
+    _context_case("plan", "teacher-context-below-window", CONTEXT, 64,
+                  student={"config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}},
+                  train={"phases": [{"window_len": 128, "steps": 2}]}),
+    _context_case("train", "teacher-context-below-window", CONTEXT, 64,
+                  student={"config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}},
+                  train={"batch_size": 2, "workers": 2, "report_to": [], "phases": [{"window_len": 128, "steps": 2}]}),
+    _context_case("cache run", "teacher-yarn-too-short", [*CONTEXT, "yarn", "covers only 96"], 64,
+                  {"rope_type": "yarn", "factor": 1.5, "original_max_position_embeddings": 64}),
+]
+
+
+@pytest.mark.parametrize("conf,covered", [
+    ({"max_position_embeddings": 32}, None),
+    ({"max_position_embeddings": 32, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}, None),
+    ({"max_position_embeddings": 32, "rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                                                         "original_max_position_embeddings": 16}}, 64),
+    ({"max_position_embeddings": 32, "rope_parameters": {"rope_type": "linear", "factor": 4.0}}, 128),  # of 32
+    ({"max_position_embeddings": 32, "rope_scaling": {"type": "dynamic", "factor": 2}}, 64),  # legacy key
+    ({"max_position_embeddings": 32, "original_max_position_embeddings": 8,
+      "rope_parameters": {"rope_type": "longrope", "factor": 8.0}}, 64),  # Phi-3 keeps the original at the top
+    ({"max_position_embeddings": 32, "rope_parameters": {
+        "full_attention": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 32},
+        "sliding_attention": {"rope_type": "default"}}}, 256),  # per layer type: the widest
+])
+def test_scaled_context_reads_each_rope_form(conf, covered):
+    from stages.model_config import context_note, scaled_context
+
+    got = scaled_context(conf)
+    assert (got[0] if got else None) == covered
+    if covered is not None:  # covered windows are allowed with one line, a longer one refused
+        note = context_note(conf, "teacher.model t", covered, "t/config.json")
+        assert note and "below the" in note and f"covers {covered}" in note
+        from pipeline.errors import UserError
+
+        with pytest.raises(UserError, match=f"covers only {covered}"):
+            context_note(conf, "teacher.model t", covered + 1, "t/config.json")
+    assert context_note(conf, "teacher.model t", 32, "t/config.json") is None  # within max_position_embeddings
+
+
+@pytest.mark.slow
+def test_a_yarn_teacher_covering_the_window_caches_and_says_so(tmp_path, capsys):
+    """The in-process executor, a teacher trained for 32 positions whose yarn factor 4 covers
+    the 128-token windows: the cache is written, and the log says why it was allowed."""
+    from cluster.executor import LocalExecutor
+    from helpers import build_cache
+    from pipeline.config import parse_config
+    from stages.cache.manifest import read_manifest
+
+    teacher = _short_teacher(32, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})(
+        Path(), tmp_path)
+    cfg = parse_config({"run": {"out_dir": str(tmp_path / "run")}, "data": {"synthetic": {"num_docs": 12}},
+                        "pack": {"window_len": 128, "doc_len": [16, 64]},
+                        "teacher": {"model": str(teacher)}, "cache": {"k": 4, "windows_per_shard": 4}})
+    out = build_cache(cfg, executor=LocalExecutor(), verbose=True)
+    assert read_manifest(out)["windows"] > 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if "max_position_embeddings" in x]
+    assert lines == [f"cache: teacher.model {teacher}: max_position_embeddings 32 is below the 128-token window; "
+                     "its yarn RoPE scaling, factor 4 x original_max_position_embeddings 32 covers 128"], lines
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_train_input(case: Case, tmp_path: Path):
+    bad.test_bad_input(case, tmp_path)  # its assertions, on these cases
