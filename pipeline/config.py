@@ -461,10 +461,12 @@ Tracker = Literal["tensorboard", "wandb", "mlflow"]
 class TrackingConfig(Strict):
     """Where experiment trackers file a run (train.report_to); none of it changes what is trained."""
 
-    project: str = "posdistill"  # W&B project, MLflow experiment
+    # Each unset field falls back to the tracker's own environment variable, then to its default
+    # (stages.train.metrics.tracker_settings): W&B project / MLflow experiment (default posdistill).
+    project: str | None = None
     run_name: str | None = None  # default: the student's label (student.name, or <variant>-s<seed>)
     tags: list[str] = Field(default_factory=list)
-    # Default: a file store under the run directory (<run>/mlruns); e.g. http://mlflow:5000.
+    # Default: MLFLOW_TRACKING_URI, else a file store under the run directory (<run>/mlruns).
     mlflow_tracking_uri: str | None = None
 
 

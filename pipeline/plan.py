@@ -22,6 +22,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import UserError
+from stages.student import check_arch, check_hf_arch, check_seed
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "cache_bytes.json"
 FALLBACK_BYTES_PER_ENTRY = {"plain": 3.3, "compact": 1.5}  # NOTES.md: 6 B raw / ~1.84 zstd; issue floor
@@ -95,6 +96,21 @@ def activation_bytes(arch: Arch, window: int, sp: int, micro_batch: int, tile: i
     return layer + 4.0 * min(tile, s) * arch.vocab
 
 
+def _check_tokenizer_fits(tokenizer: str, teacher_vocab: int, student_vocab: int, init: str | None) -> None:
+    """Both vocabularies hold every id of the data's tokenizer -- when the tokenizer is here to
+    count (plan also runs where only config.json files are)."""
+    from stages.student import check_vocab_covers
+    from stages.tokenizer import load_tokenizer
+
+    try:
+        tokens = len(load_tokenizer(tokenizer))
+    except UserError:
+        return
+    check_vocab_covers(teacher_vocab, tokens, "teacher.model")
+    if init is not None:
+        check_vocab_covers(student_vocab, tokens, f"student.init ({init})")
+
+
 def make_plan(cfg: Config, teacher_config: str | None = None, student_config: str | None = None) -> dict[str, Any]:
     """Per student and phase: tokens, cache size, teacher and student GPU-hours, memory per GPU.
     A cache shared by several students (same pack) is counted once, at its largest use."""
@@ -104,13 +120,18 @@ def make_plan(cfg: Config, teacher_config: str | None = None, student_config: st
     teacher_src = teacher_config or cfg.teacher.model
     if teacher_src is None:
         raise UserError("teacher.model: plan needs the teacher's config.json (or --teacher-config)")
-    teacher = Arch.from_hf(_read_hf_config(teacher_src, "teacher.model"))
+    teacher_conf = _read_hf_config(teacher_src, "teacher.model")
+    teacher = Arch.from_hf(teacher_conf)
     if cfg.student is None:
         raise UserError("student: plan needs student.config or student.init")
     if student_config or cfg.student.init:
-        student = Arch.from_hf(_read_hf_config(student_config or cfg.student.init, "student.init"))
+        src = student_config or cfg.student.init
+        hf = _read_hf_config(src, "student.init")
+        check_hf_arch(hf, src)
+        student = Arch.from_hf(hf)
     else:
         sc = cfg.student.config
+        check_arch(sc.model_dump(), "student.config.")
         student = Arch(hidden=sc.hidden_size, layers=sc.num_hidden_layers, heads=sc.num_attention_heads,
                        kv_heads=sc.num_key_value_heads or sc.num_attention_heads,
                        ffn=sc.intermediate_size or 4 * sc.hidden_size, vocab=teacher.vocab,
@@ -118,6 +139,14 @@ def make_plan(cfg: Config, teacher_config: str | None = None, student_config: st
     specs = train_specs(cfg)
     if not specs:
         raise UserError("train.phases: plan needs at least one phase (or students:)")
+    from stages.model_config import context_note, text_part
+
+    for spec in specs:
+        check_seed(spec.seed, f"train.seed (or run.seed, students[].seeds) of student {spec.label}")
+        for ph in spec.phases:
+            if ph.cache is not None:  # the teacher reads this phase's windows
+                context_note(text_part(teacher_conf), f"teacher.model {teacher_src}", ph.window_len, teacher_src)
+    _check_tokenizer_fits(cfg.data.tokenizer, teacher.vocab, student.vocab, student_config or cfg.student.init)
     bpe = _bytes_per_entry()
     peak = p.gpu_tflops * 1e12 * p.mfu
     gpu_bytes = p.gpu_memory_gb * 2**30

@@ -48,7 +48,7 @@ from stages.evaluate.retrieval import grid, score_probes
 from stages.evaluate.tasks import TASKS, Haystack, build_probes
 from stages.rope import apply_rope
 from stages.specs import BootstrapSpec
-from stages.student import fresh_model, llama_config
+from stages.student import check_arch, check_seed, fresh_model, llama_config
 from stages.tokenizer import BYTE_SPECIALS, BYTE_VOCAB_SIZE, build_byte_tokenizer
 
 BOS_ID = 256 + BYTE_SPECIALS.index("<s>")
@@ -418,6 +418,8 @@ def run_bootstrap(spec: BootstrapSpec, out: str | Path, progress: bool = True) -
     if spec.tokenizer != "byte":
         raise UserError("data.tokenizer: the bootstrapped teacher uses the byte tokenizer; "
                         f"got '{spec.tokenizer}'")
+    check_arch(boot.model_dump(), "teacher.bootstrap.")  # built like a fresh student: the same rules
+    check_seed(boot.seed, "teacher.bootstrap.seed")
     final = Path(out)
     t0 = time.monotonic()
     log: list[dict[str, Any]] = []

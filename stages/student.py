@@ -7,6 +7,7 @@ student with another vocabulary would silently learn a permutation of the wrong 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +15,14 @@ from pipeline.config import StudentArch
 from pipeline.errors import UserError
 from pipeline.locate import is_remote, local_path
 from stages.specs import TrainSpec
+from stages.tokenizer import load_tokenizer
 
 
 def teacher_vocab_size(spec: TrainSpec) -> tuple[int, str]:
     """The teacher's output vocabulary and where it came from (for error messages)."""
     model = spec.teacher_model
     if model and ((Path(model) / "config.json").is_file() or is_remote(model)):
-        from stages.teacher import teacher_vocab
+        from stages.model_config import teacher_vocab
 
         try:
             return teacher_vocab(model), f"teacher.model {model}"
@@ -29,8 +31,6 @@ def teacher_vocab_size(spec: TrainSpec) -> tuple[int, str]:
             # directory the tokenizer decides; the cache stage names the teacher's problem when it needs it.
             if not is_remote(model):
                 raise
-    from stages.tokenizer import load_tokenizer
-
     return len(load_tokenizer(spec.tokenizer)), f"data.tokenizer '{spec.tokenizer}'"
 
 
@@ -44,6 +44,66 @@ def check_vocab(student_vocab: int, spec: TrainSpec, where: str) -> None:
     if student_vocab != teacher_vocab:
         raise UserError(f"{where}: the student's vocabulary has {student_vocab} tokens but the teacher's "
                         f"({source}) has {teacher_vocab}; KD targets are teacher token ids, so they must match")
+
+
+SEED_RANGE = 2**32  # numpy refuses a negative seed, torch one past 2**64; 2**32 is what both take
+
+
+def check_seed(seed: int, field: str) -> None:
+    """A seed every RNG it reaches accepts (the reader's numpy shuffle, torch's init)."""
+    if not 0 <= seed < SEED_RANGE:
+        raise UserError(f"{field}: seed {seed} is outside [0, 2**32)")
+
+
+ARCH_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "intermediate_size", "vocab_size")
+
+
+def check_arch(sizes: Mapping[str, Any], prefix: str, context: str = "") -> None:
+    """Sizes a Llama-family attention can be built from, told before any weight exists (the
+    alternative is a traceback inside a rank): positive integers; heads that split
+    ``hidden_size`` evenly (LlamaConfig's rule); an even head width, since RoPE rotates
+    pairs of dimensions; query heads in whole groups per key/value head. ``prefix`` names
+    the fields (``student.config.``), ``context`` leads the message (``student.init X: ``)."""
+    for key in ARCH_SIZES:
+        v = sizes.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise UserError(f"{context}{prefix}{key}: {v!r} is not a positive integer")
+    hidden, heads = sizes.get("hidden_size"), sizes.get("num_attention_heads")
+    if hidden is None or heads is None:
+        return
+    kv, head_dim = sizes.get("num_key_value_heads") or heads, sizes.get("head_dim")
+    if head_dim is not None and head_dim % 2:
+        raise UserError(f"{context}{prefix}head_dim {head_dim} is odd: RoPE rotates pairs of dimensions, so a head "
+                        "needs an even width")
+    if hidden % heads:  # transformers' LlamaConfig refuses it even with head_dim given
+        raise UserError(f"{context}{prefix}hidden_size {hidden} is not divisible by {prefix}num_attention_heads "
+                        f"{heads}")
+    if head_dim is None and (hidden // heads) % 2:
+        raise UserError(f"{context}{prefix}hidden_size {hidden} / {prefix}num_attention_heads {heads} gives an odd "
+                        f"head size of {hidden // heads}: RoPE rotates pairs of dimensions, so a head needs an even "
+                        f"width (or give an even {prefix}head_dim)")
+    if heads % kv:
+        raise UserError(f"{context}{prefix}num_attention_heads {heads} is not divisible by "
+                        f"{prefix}num_key_value_heads {kv} (each key/value head serves a whole group of query heads)")
+
+
+def check_hf_arch(conf: Mapping[str, Any], init: str) -> None:
+    """:func:`check_arch` on a ``student.init`` model's config.json (its text part, if nested)."""
+    check_arch(conf.get("text_config") or conf, "", f"student.init ({init}) config.json: ")
+
+
+def check_vocab_covers(vocab: int, tokens: int, where: str) -> None:
+    """Every id of a tokenizer of ``tokens`` ids has an embedding row (else an index error mid-forward)."""
+    if vocab < tokens:
+        raise UserError(f"{where}: a vocabulary of {vocab} tokens is smaller than data.tokenizer's {tokens}: "
+                        "token ids past it have no embedding")
+
+
+def hf_sizes(model_config: Any) -> dict[str, Any]:
+    """The sizes :func:`check_arch` reads, from a transformers config (its text part)."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return {k: getattr(text, k, None) for k in ARCH_SIZES}
 
 
 def student_config(spec: TrainSpec) -> tuple[Any, bool]:
@@ -62,12 +122,16 @@ def student_config(spec: TrainSpec) -> tuple[Any, bool]:
                                               trust_remote_code=scfg.trust_remote_code)
         except (OSError, ValueError) as err:
             raise UserError(f"student.init: cannot read '{scfg.init}': {str(err).splitlines()[0][:300]}") from None
-        check_vocab(student_vocab_size(mcfg), spec, f"student.init ({scfg.init})")
+        where = f"student.init ({scfg.init})"
+        check_hf_arch(hf_sizes(mcfg), scfg.init)
+        check_vocab(student_vocab_size(mcfg), spec, where)
+        check_vocab_covers(student_vocab_size(mcfg), len(load_tokenizer(spec.tokenizer)), where)
         return mcfg, False
-    from stages.tokenizer import load_tokenizer
-
-    vocab, _ = teacher_vocab_size(spec)
-    return llama_config(scfg.config, vocab, spec.phases[0].window_len, load_tokenizer(spec.tokenizer)), True
+    check_arch(scfg.config.model_dump(), "student.config.")
+    vocab, source = teacher_vocab_size(spec)
+    tok = load_tokenizer(spec.tokenizer)
+    check_vocab_covers(vocab, len(tok), f"student.config (vocabulary from {source})")
+    return llama_config(scfg.config, vocab, spec.phases[0].window_len, tok), True
 
 
 def llama_config(arch: StudentArch, vocab_size: int, max_positions: int, tok: Any) -> Any:

@@ -61,20 +61,6 @@ def model_inputs(input_ids: torch.Tensor, doc_starts: list[list[int]], mode: str
 # ----------------------------------------------------------------------------- loading
 
 
-def teacher_vocab(model: str) -> int:
-    """The teacher's output vocabulary, from its config.json (no weights loaded)."""
-    import json
-
-    path = local_path(model, "teacher.model", "config") / "config.json"
-    if not path.is_file():
-        raise UserError(f"teacher.model: '{model}' is not a Hugging Face model directory (no config.json)")
-    conf = json.loads(path.read_text())
-    vocab = conf.get("vocab_size") or conf.get("text_config", {}).get("vocab_size")
-    if not vocab:
-        raise UserError(f"teacher.model: {path} has no vocab_size")
-    return int(vocab)
-
-
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 

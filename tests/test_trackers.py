@@ -1,6 +1,8 @@
 """Experiment trackers (train.report_to): one real tiny run (2 x gloo ranks, two CE phases, no
-teacher) reports to TensorBoard, W&B (offline) and MLflow (a file store under the run), and
-each holds the losses of metrics.jsonl; tracker settings leave the run's identity alone; a
+teacher) reports to TensorBoard, W&B (offline, under an environment-set WANDB_DIR) and MLflow
+(an environment-set MLFLOW_TRACKING_URI file store outside the run), and each holds the losses
+of metrics.jsonl; the config's tracking settings win over the environment, the environment over
+the run directory (one unit test per variable); tracker settings leave the run's identity alone; a
 missing tracker package fails before anything runs; a resumed run continues the same tracker
 runs without sending a step twice; the progress line names student, phase, loss, rate, ETA.
 """
@@ -39,17 +41,23 @@ def _raw(out: Path, **train) -> dict:
     }
 
 
-def _env(tmp: Path) -> dict:
-    """W&B offline, its caches and settings under the test's directory."""
-    return {**os.environ, "WANDB_MODE": "offline", "WANDB_CONFIG_DIR": str(tmp / "wandb-config"),
-            "WANDB_CACHE_DIR": str(tmp / "wandb-cache"), "WANDB_DATA_DIR": str(tmp / "wandb-data")}
+TRACKER_VARS = ("WANDB_PROJECT", "WANDB_DIR", "WANDB_TAGS", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME",
+                "MLFLOW_EXPERIMENT_ID")
 
 
-def _cli(cfg: dict, path: Path, *prefix: str) -> subprocess.CompletedProcess:
+def _env(tmp: Path, **extra: str) -> dict:
+    """W&B offline, its caches and settings under the test's directory; none of the caller's
+    tracker variables (they would decide where the run goes)."""
+    base = {k: v for k, v in os.environ.items() if k not in TRACKER_VARS}
+    return {**base, "WANDB_MODE": "offline", "WANDB_CONFIG_DIR": str(tmp / "wandb-config"),
+            "WANDB_CACHE_DIR": str(tmp / "wandb-cache"), "WANDB_DATA_DIR": str(tmp / "wandb-data"), **extra}
+
+
+def _cli(cfg: dict, path: Path, *prefix: str, env: dict | None = None) -> subprocess.CompletedProcess:
     path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, *prefix] if prefix else [sys.executable, "-m", "pipeline.cli"]
     return subprocess.run([*cmd, "train", str(path)], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=_env(path.parent))
+                          env=env or _env(path.parent))
 
 
 def wandb_records(path: Path) -> list:
@@ -93,16 +101,21 @@ def _metrics(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """A team's tracker environment: an MLflow store and a W&B directory outside the run (both
+    honoured), a W&B project and MLflow experiment the config's tracking.project overrides."""
     tmp = tmp_path_factory.mktemp("trackers")
-    proc = _cli(_raw(tmp / "out"), tmp / "c.yaml")
+    env = _env(tmp, MLFLOW_TRACKING_URI=(tmp / "team-mlruns").as_uri(), WANDB_DIR=str(tmp / "team-wandb"),
+               WANDB_PROJECT="env-project", MLFLOW_EXPERIMENT_NAME="env-experiment")
+    proc = _cli(_raw(tmp / "out"), tmp / "c.yaml", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp, tmp / "out" / "train" / "tiny", proc
 
 
 @pytest.mark.slow
 def test_wandb_offline_run_holds_the_logged_losses(trained):
-    _, run, _ = trained
-    offline = list((run / "wandb").glob("offline-run-*"))
+    tmp, run, _ = trained
+    assert not (run / "wandb").exists()  # WANDB_DIR said where
+    offline = list((tmp / "team-wandb" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1  # rank 0 only
     files = list(offline[0].glob("run-*.wandb"))
     assert len(files) == 1
@@ -113,6 +126,7 @@ def test_wandb_offline_run_holds_the_logged_losses(trained):
         assert history[r["step"]]["train/loss"] == pytest.approx(r["loss"], rel=1e-12)
         assert history[r["step"]]["train/phase"] == r["phase"]
     start = next(r.run for r in wandb_records(files[0]) if r.WhichOneof("record_type") == "run")
+    # tracking.project / tags win over WANDB_PROJECT=env-project
     assert (start.project, start.display_name, list(start.tags)) == ("trk-test", "tiny", ["smoke", "ce"])
     config = {u.key: json.loads(u.value_json) for u in start.config.update}
     assert config["label"] == "tiny" and config["train"]["batch_size"] == 2
@@ -125,14 +139,15 @@ def test_wandb_offline_run_holds_the_logged_losses(trained):
 def test_mlflow_file_store_holds_the_same_per_step_losses(trained):
     from mlflow.tracking import MlflowClient
 
-    _, run, _ = trained
+    tmp, run, _ = trained
     ids = json.loads((run / "trackers.json").read_text())["mlflow"]
-    assert ids["uri"] == (run / "mlruns").resolve().as_uri()
+    assert ids["uri"] == (tmp / "team-mlruns").as_uri() and not (run / "mlruns").exists()  # MLFLOW_TRACKING_URI
+    assert (tmp / "team-mlruns").is_dir()
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     client = MlflowClient(ids["uri"])
     got = client.get_run(ids["run_id"])
     assert got.info.status == "FINISHED" and got.info.run_name == "tiny"
-    assert client.get_experiment(got.info.experiment_id).name == "trk-test"
+    assert client.get_experiment(got.info.experiment_id).name == "trk-test"  # not MLFLOW_EXPERIMENT_NAME
     assert {"smoke", "ce"} <= set(got.data.tags)
     history = sorted((m.step, m.value) for m in client.get_metric_history(ids["run_id"], "train/loss"))
     assert history == [(r["step"], r["loss"]) for r in _metrics(run)]
@@ -158,6 +173,54 @@ def test_changing_tracker_settings_reuses_the_done_run(trained):
     proc = _cli(again, tmp / "again.yaml")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"train: reusing train tiny ({run})" in proc.stdout
+
+
+# variable, its value, the TrackerSettings field it sets, the train.tracking that overrides it,
+# what that field is then, and its default (RUN: under the run directory)
+PRECEDENCE = [
+    ("MLFLOW_TRACKING_URI", "http://mlflow.team:5000", "mlflow_uri", {"mlflow_tracking_uri": "file:///cfg"},
+     "file:///cfg", "RUN/mlruns"),
+    ("MLFLOW_EXPERIMENT_NAME", "team-exp", "mlflow_experiment", {"project": "cfg"}, "cfg", "posdistill"),
+    ("MLFLOW_EXPERIMENT_ID", "17", "mlflow_experiment_id", {"project": "cfg"}, None, None),
+    ("WANDB_PROJECT", "team-proj", "wandb_project", {"project": "cfg"}, "cfg", "posdistill"),
+    ("WANDB_DIR", "/team/wandb", "wandb_dir", None, None, "RUN"),
+    ("WANDB_TAGS", "a, b,,c", "wandb_tags", {"tags": ["cfg"]}, ("cfg",), ()),
+]
+
+
+@pytest.mark.parametrize("var,value,field,config,overridden,default", PRECEDENCE, ids=[p[0] for p in PRECEDENCE])
+def test_each_tracker_variable_sits_between_the_config_and_the_run_directory(tmp_path, var, value, field, config,
+                                                                            overridden, default):
+    from pipeline.config import TrackingConfig
+    from stages.train.metrics import tracker_settings
+
+    def get(opts: dict, env: dict):
+        return getattr(tracker_settings(TrackingConfig(**opts), tmp_path, "lbl", env), field)
+
+    def norm(v):
+        return v if not isinstance(v, str) or not v.startswith("RUN") else (
+            (tmp_path / "mlruns").resolve().as_uri() if v == "RUN/mlruns" else tmp_path)
+
+    noise = {"WANDB_MODE": "offline", "MLFLOW_TRACKING_TOKEN": "x"}  # other variables change nothing here
+    assert get({}, noise) == norm(default)
+    assert get({}, {var: "  "}) == norm(default)  # blank is unset
+    got = get({}, {**noise, var: value})
+    want = {"WANDB_DIR": Path(value), "WANDB_TAGS": ("a", "b", "c")}.get(var, value)
+    assert got == want and got != norm(default)
+    if config is not None:
+        assert get(config, {var: value}) == overridden
+
+
+def test_tracker_settings_keep_names_and_experiment_precedence(tmp_path):
+    from pipeline.config import TrackingConfig
+    from stages.train.metrics import tracker_settings
+
+    env = {"WANDB_NAME": "same-for-all", "MLFLOW_EXPERIMENT_NAME": "by-name", "MLFLOW_EXPERIMENT_ID": "3"}
+    s = tracker_settings(TrackingConfig(), tmp_path, "kd-s0", env)
+    assert s.run_name == "kd-s0"  # WANDB_NAME would name every student of a sweep alike
+    assert (s.mlflow_experiment, s.mlflow_experiment_id) == ("by-name", None)  # the name first, as MLflow does
+    assert tracker_settings(TrackingConfig(run_name="r"), tmp_path, "kd-s0", env).run_name == "r"
+    assert tracker_settings(TrackingConfig(), tmp_path, "x", {"WANDB_DIR": "~/w"}).wandb_dir == Path.home() / "w"
 
 
 def test_tracker_settings_are_not_part_of_the_identity(tmp_path):
@@ -207,6 +270,8 @@ def test_resume_continues_the_same_tracker_runs(tmp_path, monkeypatch):
     from pipeline.config import TrackingConfig
     from stages.train.metrics import MetricsLog
 
+    for k in TRACKER_VARS:
+        monkeypatch.delenv(k, raising=False)
     for k, v in _env(tmp_path).items():
         if k.startswith("WANDB_"):
             monkeypatch.setenv(k, v)
@@ -217,6 +282,7 @@ def test_resume_continues_the_same_tracker_runs(tmp_path, monkeypatch):
         for step in (1, 2, 3, 4):
             m.log(rec(step))
     first = json.loads((tmp_path / "trackers.json").read_text())
+    assert first["mlflow"]["uri"] == (tmp_path / "mlruns").resolve().as_uri()  # no variable set: the run dir
     time.sleep(1.0)  # W&B names offline run directories by the second they start
     with MetricsLog(tmp_path, 2, True, ["wandb", "mlflow"], opts, "s", {"a": 1}) as m:
         for step in (3, 4, 5, 6):

@@ -197,10 +197,12 @@ def _check_vocab(data_tokenizer: str, vocab: int) -> None:
 def check_inputs(spec: CacheSpec) -> int:
     """What can be told wrong from the teacher's files and the config alone, before any
     window is packed or a worker starts; returns the teacher's vocabulary size."""
-    from stages.teacher import check_weight_files, teacher_vocab
+    from stages.model_config import check_context, teacher_vocab
+    from stages.teacher import check_weight_files
     from stages.tokenizer import check_teacher_tokenizer
 
     vocab = teacher_vocab(spec.teacher.model)
+    check_context(spec.teacher.model, spec.pack.pack.window_len)
     check_weight_files(spec.teacher.model)
     _check_vocab(spec.pack.data.tokenizer, vocab)
     check_teacher_tokenizer(spec.pack.data.tokenizer, spec.teacher.model, spec.teacher.tokenizer)
@@ -251,6 +253,11 @@ def run_cache(spec: CacheSpec, pack_dir: Path, cache_dir: Path, executor: Execut
         for tmp in cache_dir.glob(TEMP_GLOB):  # left by a killed run; no writer is alive (we hold the lock)
             tmp.unlink(missing_ok=True)
         job = build_job(spec, Path(pack_dir), cache_dir, fp)
+        from stages.model_config import check_context
+
+        note = check_context(spec.teacher.model, job.window_len)  # checked by build_job; the note if scaled
+        if note and verbose:
+            print(f"cache: {note}")
         plan = {"fingerprint": job.fingerprint, "num_windows": sum(s["rows"] for s in job.shards),
                 "windows_per_shard": spec.cache.windows_per_shard, "shards": job.shards}
         write_plan(cache_dir, plan)

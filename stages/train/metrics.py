@@ -10,6 +10,9 @@ TensorBoard purges them too. W&B and MLflow cannot rewrite a run's history: a re
 continues the same tracker run (its id is kept in ``<run>/trackers.json``) and does not send
 again the steps that run already received (they retrain to the same numbers). A tracker run
 started on resume (a tracker newly added to ``report_to``) first gets the records kept so far.
+
+Where W&B and MLflow file the run comes from :func:`tracker_settings`: ``train.tracking`` first,
+then the tracker's standard environment variable, then the run directory (or ``posdistill``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,47 @@ FIELDS = ("phase", "step", "loss", "kd", "ce", "lr", "tokens", "tokens_per_s")
 # report_to name -> (module imported, what installs it)
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "posdistill[wandb]"),
             "mlflow": ("mlflow", "posdistill[mlflow]")}
+DEFAULT_PROJECT = "posdistill"
+
+
+@dataclass(frozen=True)
+class TrackerSettings:
+    """Where W&B and MLflow file one student's run, every value already chosen by precedence."""
+
+    run_name: str
+    tags: tuple[str, ...]  # MLflow's: train.tracking.tags only
+    wandb_project: str
+    wandb_tags: tuple[str, ...]
+    wandb_dir: Path  # W&B writes <wandb_dir>/wandb/
+    mlflow_uri: str
+    mlflow_experiment: str  # a name; unused when mlflow_experiment_id is set
+    mlflow_experiment_id: str | None
+
+
+def tracker_settings(opts: TrackingConfig, run: Path, label: str, env: Mapping[str, str]) -> TrackerSettings:
+    """Each setting from the first of: ``train.tracking``, the tracker's standard environment
+    variable, the default (under the run directory). So a team's ``MLFLOW_TRACKING_URI`` or
+    ``WANDB_DIR`` is heard unless the config names another, and nothing leaves the run directory
+    unless one of them says so. ``WANDB_MODE``, ``WANDB_ENTITY``, ``WANDB_API_KEY``, MLflow's
+    credentials and the like are read by the trackers themselves (nothing here overrides them).
+    Run names are the student's label (or ``tracking.run_name``): ``WANDB_NAME`` would give
+    every student of a sweep the same name, so it is not used; nor are ``WANDB_RUN_ID`` /
+    ``MLFLOW_RUN_ID``, since a resumed run continues the run kept in ``trackers.json``."""
+    def var(name: str) -> str | None:
+        value = (env.get(name) or "").strip()
+        return value or None
+
+    env_tags = tuple(t.strip() for t in (var("WANDB_TAGS") or "").split(",") if t.strip())
+    experiment_id = None if opts.project or var("MLFLOW_EXPERIMENT_NAME") else var("MLFLOW_EXPERIMENT_ID")
+    wandb_dir = var("WANDB_DIR")
+    return TrackerSettings(
+        run_name=opts.run_name or label, tags=tuple(opts.tags),
+        wandb_project=opts.project or var("WANDB_PROJECT") or DEFAULT_PROJECT,
+        wandb_tags=tuple(opts.tags) or env_tags,
+        wandb_dir=Path(os.path.expanduser(wandb_dir)) if wandb_dir else Path(run),
+        mlflow_uri=opts.mlflow_tracking_uri or var("MLFLOW_TRACKING_URI") or (Path(run) / "mlruns").resolve().as_uri(),
+        mlflow_experiment=opts.project or var("MLFLOW_EXPERIMENT_NAME") or DEFAULT_PROJECT,
+        mlflow_experiment_id=experiment_id)
 
 
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:
@@ -97,17 +143,19 @@ class TensorBoardTracker:
 
 
 class WandbTracker:
-    """``wandb.init`` into ``<run>/wandb``, resuming the run id kept in trackers.json."""
+    """``wandb.init`` into ``<settings.wandb_dir>/wandb``, resuming the run id kept in trackers.json."""
 
-    def __init__(self, run: Path, opts: TrackingConfig, name: str, config: dict[str, Any], known: dict[str, Any]):
+    def __init__(self, s: TrackerSettings, config: dict[str, Any], known: dict[str, Any]):
         os.environ.setdefault("WANDB_SILENT", "true")  # no banners, no sync hints
         import wandb
 
-        self.continued = known.get("project") == opts.project and bool(known.get("id"))
+        self.continued = known.get("project") == s.wandb_project and bool(known.get("id"))
         self.id = known["id"] if self.continued else uuid.uuid4().hex[:8]
-        self.project = opts.project
-        self.run = wandb.init(project=opts.project, name=name, tags=opts.tags or None, config=config, dir=str(run),
-                              id=self.id, resume="allow", settings=wandb.Settings(console="off", quiet=True))
+        self.project = s.wandb_project
+        s.wandb_dir.mkdir(parents=True, exist_ok=True)  # else W&B falls back to a temp dir
+        self.run = wandb.init(project=s.wandb_project, name=s.run_name, tags=list(s.wandb_tags) or None, config=config,
+                              dir=str(s.wandb_dir), id=self.id, resume="allow",
+                              settings=wandb.Settings(console="off", quiet=True))
 
     def state(self) -> dict[str, Any]:
         return {"id": self.id, "project": self.project}
@@ -120,11 +168,10 @@ class WandbTracker:
 
 
 class MlflowTracker:
-    """One MLflow run in experiment ``tracking.project``; the store is
-    ``tracking.mlflow_tracking_uri``, else a file store at ``<run>/mlruns``."""
+    """One MLflow run in the experiment and store of :func:`tracker_settings`."""
 
-    def __init__(self, run: Path, opts: TrackingConfig, name: str, config: dict[str, Any], known: dict[str, Any]):
-        self.uri = opts.mlflow_tracking_uri or (run / "mlruns").resolve().as_uri()
+    def __init__(self, s: TrackerSettings, config: dict[str, Any], known: dict[str, Any]):
+        self.uri = s.mlflow_uri
         if self.uri.startswith("file:") or "://" not in self.uri:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses a file store otherwise
         logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -138,9 +185,12 @@ class MlflowTracker:
             self.run_id = known["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
             return
-        exp = self.client.get_experiment_by_name(opts.project)
-        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(opts.project)
-        self.run_id = self.client.create_run(exp_id, run_name=name, tags={t: "true" for t in opts.tags}).info.run_id
+        if s.mlflow_experiment_id is not None:
+            exp_id = self.client.get_experiment(s.mlflow_experiment_id).experiment_id  # MLFLOW_EXPERIMENT_ID
+        else:
+            exp = self.client.get_experiment_by_name(s.mlflow_experiment)
+            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(s.mlflow_experiment)
+        self.run_id = self.client.create_run(exp_id, run_name=s.run_name, tags={t: "true" for t in s.tags}).info.run_id
         params = [Param(k[:MAX_ENTITY_KEY_LENGTH], json.dumps(v) if not isinstance(v, str) else v)
                   for k, v in flatten(config).items()]
         params = [Param(p.key, p.value[:MAX_PARAM_VAL_LENGTH]) for p in params]
@@ -175,7 +225,7 @@ class MetricsLog:
         keep = [r for r in before if r.get("step", 0) <= resume_step]
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
         self.f = open(self.path, "a", encoding="utf-8")
-        opts = tracking or TrackingConfig()
+        settings = tracker_settings(tracking or TrackingConfig(), run, name, os.environ)
         ids_path = run / TRACKERS_FILE
         known = json.loads(ids_path.read_text()) if ids_path.is_file() else {}
         sent = max((r.get("step", 0) for r in before), default=0)
@@ -185,7 +235,7 @@ class MetricsLog:
                     self.trackers[tracker], self.after[tracker] = TensorBoardTracker(run, resume_step), resume_step
                     continue
                 cls = WandbTracker if tracker == "wandb" else MlflowTracker
-                t = cls(run, opts, opts.run_name or name, config or {}, known.get(tracker, {}))
+                t = cls(settings, config or {}, known.get(tracker, {}))
             except Exception as err:
                 self.close(failed=True)
                 raise UserError(f"train.report_to: {tracker} could not start ({type(err).__name__}: {err})") from None

@@ -126,16 +126,30 @@ def check_inputs(phase: PhaseSpec, path: Path) -> Path:
 
 
 def check_train(spec: TrainSpec, workers: int) -> None:
-    """The trackers' packages, batch geometry, precision, the DeepSpeed config and whether each
-    KD phase's cache can be shared by the ranks, before anything computes (the graph's check of a train node)."""
+    """The seed, a student.config's sizes, the trackers' packages, batch geometry, precision, the
+    DeepSpeed config and whether each KD phase's cache can be shared by the ranks, before
+    anything computes (the graph's check of a train node)."""
+    import json
     import math
 
     import torch
 
     from stages.attention import check_backend
+    from stages.student import check_arch, check_hf_arch, check_seed
     from stages.train.ds_config import deepspeed_config
     from stages.train.metrics import check_trackers
 
+    check_seed(spec.seed, f"train.seed (or run.seed, students[].seeds) of student {spec.label}")
+    if spec.student.config is not None:
+        check_arch(spec.student.config.model_dump(), "student.config.")
+    init = spec.student.init
+    if spec.init_from is None and init is not None and (Path(init) / "config.json").is_file():
+        try:  # a Hub id's (or a parent's export's) sizes are checked by preflight, before any rank
+            conf = json.loads((Path(init) / "config.json").read_text())
+        except (OSError, ValueError):
+            conf = None  # preflight names an unreadable config
+        if isinstance(conf, dict):
+            check_hf_arch(conf, init)
     check_trackers(spec.train.report_to)  # a missing wandb / mlflow fails here, not at step 1
     geo = geometry(spec.train, workers)
     deepspeed_config(spec.train, geo, gpu=torch.cuda.is_available())
