@@ -14,7 +14,7 @@ demo: install
 	$(PY) -m pipeline.cli run configs/demo.yaml
 
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 bench: install
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

@@ -58,13 +58,13 @@ ARCH = [
     ({"hidden_size": 0}, ["student.config.hidden_size"], "zero"),
     ({"num_attention_heads": -2}, ["student.config.num_attention_heads"], "negative"),
 ]
-SEED = ["train.seed", "seed -1"]
+SEED = ["train.seed", "-1"]
 
 CASES = [
     *[_student(cmd, arch, names, id) for cmd in ("plan", "train") for arch, names, id in ARCH],
-    _student("plan", {}, SEED, "negative-run-seed", run={"name": "bad", "seed": -1}),
+    _student("plan", {}, ["run.seed", "-1"], "negative-run-seed", run={"name": "bad", "seed": -1}),
     _student("train", {}, SEED, "negative-train-seed", train={**CE, "seed": -1}),
-    _student("train", {}, ["train.seed", "seed 4294967296"], "huge-train-seed", train={**CE, "seed": 2**32}),
+    _student("train", {}, ["train.seed", "4294967296"], "huge-train-seed", train={**CE, "seed": 2**32}),
     _init("plan", {"head_dim": 15}, ["student.init", "config.json", "head_dim 15"], "odd-head-dim"),
     _init("train", {"num_key_value_heads": 3}, ["student.init", "config.json", "num_key_value_heads 3"], "kv-groups"),
     _init("plan", {"vocab_size": 100}, ["teacher.model", "100", "data.tokenizer"], "vocab-below-tokenizer"),
