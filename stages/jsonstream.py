@@ -22,7 +22,7 @@ _STRING_STOP = re.compile(r'["\\\x00-\x1f]')
 _LITERAL = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|true|false|null|NaN|Infinity|-Infinity")
 _LOOKAHEAD = 1 << 12  # enough for any literal and for an escape pair
 _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
-_KINDS = {"{": "an object", "[": "an array", "t": "a boolean", "f": "a boolean", "n": "null"}
+_KINDS = {"{": "an object", "[": "an array", '"': "a string", "t": "a boolean", "f": "a boolean", "n": "null"}
 
 Where = Callable[["Chars"], str]  # names a position for an error ("docs.json line 3 column 7")
 
@@ -217,8 +217,7 @@ def record(c: Chars, field: str, where: Where, drops: dict[str, int]) -> Iterato
     document must be read before this generator is advanced (it is drained if not)."""
     c.skip_ws()
     if c.peek() != "{":
-        ch = c.peek()
-        kind = "an array" if ch == "[" else "a string" if ch == '"' else _KINDS.get(ch, "a number")
+        kind = _KINDS.get(c.peek(), "a number")
         raise UserError(f"data.text_field: '{field}' not found in {where(c)} (it holds {kind}, not an object)")
     c.i += 1
     keys: list[str] = []
