@@ -128,6 +128,7 @@ def test_text_that_is_not_unicode_is_refused_with_its_place(tmp_path, name, cont
 def test_long_records_are_refused_like_short_ones(tmp_path, monkeypatch):
     """The streaming parser (records longer than a read block) gives the same refusals."""
     monkeypatch.setattr(corpus, "_LINE_BLOCK", 64)
+    monkeypatch.setattr("stages.jsonstream._READ_AHEAD", 5)
     pad = "p" * 200
     cases = [
         (f'{{"pad": "{pad}", "text": "a\\ud800"}}\n', r"line 1 holds a lone surrogate \\ud800"),
