@@ -74,6 +74,8 @@ def test_byte_ids_are_the_byte_tokenizers():
         "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(300)]
     for text in texts:
         assert T.byte_ids(text).tolist() == tok(text, add_special_tokens=False)["input_ids"], text
+    encoder = T.TextEncoder.load("byte")  # without transformers
+    assert (encoder.bos_token_id, encoder.vocab_size) == (tok.bos_token_id, len(tok))
 
 
 @pytest.mark.parametrize("kind", ["byte", "byte-dir", "gpt2", "metaspace"])
@@ -88,7 +90,7 @@ def test_streamed_ids_equal_whole_document_ids(kind, tmp_path, monkeypatch):
     text = _words_text(60_000, 2)
     text = text[:30_000] + "x<s>y" * 2000 + text[30_000:]  # specials spelled near seams
     whole = tok(text, add_special_tokens=False)["input_ids"]
-    encoder = T.TextEncoder(tok, byte=kind == "byte")
+    encoder = T.TextEncoder.load("byte") if kind == "byte" else T.TextEncoder(tok, byte=False)
     for pieces in (_pieces(text, rng, 3000), [text], _pieces(text, rng, 20)):
         parts = list(encoder.stream(iter(pieces)))
         assert len(parts) > 5  # it did cut
