@@ -17,7 +17,7 @@ import re
 import sys
 import zlib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import IO, Callable, Iterator
 
 from pipeline.config import DataConfig, PeriodicConfig, SyntheticConfig
 from pipeline.errors import UserError
@@ -197,48 +197,47 @@ def _hub_files(source: str) -> list[Path]:
     return files
 
 
-Drops = dict  # reason ("null_text", "empty_text") -> rows dropped for it
+Drops = dict[str, int]  # reason ("null_text", "empty_text") -> rows dropped for it
 
 
 def _count(drops: Drops, reason: str) -> None:
     drops[reason] = drops.get(reason, 0) + 1
 
 
-def _blocks(path: Path) -> Iterator[Callable[[], bytes]]:
-    """``readline(limit)`` of the file (gunzipped for .jsonl.gz); a damaged gzip stream is one
-    line naming the file, wherever in the file the damage is."""
-    gz = data_format(path) == ".jsonl.gz"
-    with (gzip.open if gz else open)(path, "rb") as f:
-        def read() -> bytes:
-            try:
-                return f.readline(_LINE_BLOCK)
-            except (EOFError, zlib.error, gzip.BadGzipFile) as err:
-                raise UserError(f"data.source: {path} is not a valid gzip file ({err})") from None
-            except OSError as err:
-                raise UserError(f"data.source: cannot read {path}: {err.strerror or err}") from None
-        yield read
+def _reader(f: IO[bytes], path: Path) -> Callable[[], bytes]:
+    """``readline(limit)`` of an open file; a damaged gzip stream is one line naming the file,
+    wherever in the file the damage is."""
+    def read() -> bytes:
+        try:
+            return f.readline(_LINE_BLOCK)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+            raise UserError(f"data.source: {path} is not a valid gzip file ({err})") from None
+        except OSError as err:
+            raise UserError(f"data.source: cannot read {path}: {err.strerror or err}") from None
+    return read
+
+
+def _rest(read: Callable[[], bytes]) -> Iterator[bytes]:
+    """The further blocks of a line whose first block had no line end."""
+    while block := read():
+        yield block
+        if block.endswith(b"\n"):
+            return
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes, Iterator[bytes] | None]]:
-    """(line number, line or its first block, the line's further blocks when it is long)."""
-    for read in _blocks(path):
-        lineno = 0
-        while True:
+    """(line number, line or its first block, the line's further blocks when it is long),
+    gunzipped for .jsonl.gz."""
+    with (gzip.open if data_format(path) == ".jsonl.gz" else open)(path, "rb") as f:
+        read = _reader(f, path)
+        for lineno in itertools.count(1):
             head = read()
             if not head:
                 return
-            lineno += 1
             if head.endswith(b"\n") or len(head) < _LINE_BLOCK:
                 yield lineno, head, None
                 continue
-            def more(first: bytes = head) -> Iterator[bytes]:
-                last = first
-                while not last.endswith(b"\n"):
-                    last = read()
-                    if not last:
-                        return
-                    yield last
-            rest = more()
+            rest = _rest(read)
             yield lineno, head, rest
             for _ in rest:  # the reader stopped early: skip to the next line
                 pass
@@ -383,7 +382,7 @@ def _file_text(path: Path) -> Iterator[str]:
             lines += raw.count(b"\n")
 
 
-def _txt(path: Path, drops: Drops) -> Iterator[Iterator[str]]:
+def _txt(path: Path) -> Iterator[Iterator[str]]:
     """One document per non-empty line (a line of whitespace is no document)."""
     for lineno, head, rest in _lines(path):
         if rest is None:
@@ -511,7 +510,7 @@ def iter_texts(data: DataConfig, doc_len: tuple[int, int], seed: int,
         elif kind == ".json":
             yield from _json(path, data.text_field, drops)
         elif kind == ".txt":
-            yield from _txt(path, drops)
+            yield from _txt(path)
         else:
             yield from _parquet(path, data.text_field, drops)
 

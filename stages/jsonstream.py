@@ -3,7 +3,8 @@
 ``json.loads`` needs a whole record in memory (and the string it returns is a second copy); a
 record holding one 50 MB document would then cost several times that before tokenizing starts.
 This module parses a record from a stream of text blocks and hands the text field on as it is
-read, so memory is bounded by the block size whatever a document's length. Small records never
+read, so memory is bounded by the block size whatever a document's length; strings are decoded by
+``json``'s own scanner, a read-ahead block at a time. Small records never
 come here (``stages/corpus.py`` gives them to ``json.loads``); what this parser accepts matches
 ``json.loads`` (NaN/Infinity included), and it refuses what the project refuses: a text field
 that is not a string, a lone surrogate (not Unicode text), a text field given twice.
@@ -11,18 +12,20 @@ that is not a string, a lone surrogate (not Unicode text), a text field given tw
 
 from __future__ import annotations
 
+import json
 import re
+from json.decoder import scanstring
 from typing import Callable, Iterator
 
 from pipeline.errors import UserError
 
 PIECE_CHARS = 1 << 20  # the size of the pieces a document's text comes out in
 _WS = " \t\n\r"
-_STRING_STOP = re.compile(r'["\\\x00-\x1f]')
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_READ_AHEAD = 1 << 16
 _LITERAL = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|true|false|null|NaN|Infinity|-Infinity")
 _LOOKAHEAD = 1 << 12  # enough for any literal and for an escape pair
-_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
-_KINDS = {"{": "an object", "[": "an array", "t": "a boolean", "f": "a boolean", "n": "null"}
+_KINDS = {"{": "an object", "[": "an array", '"': "a string", "t": "a boolean", "f": "a boolean", "n": "null"}
 
 Where = Callable[["Chars"], str]  # names a position for an error ("docs.json line 3 column 7")
 
@@ -34,16 +37,16 @@ class Chars:
         self._blocks = blocks
         self.buf = ""
         self.i = 0
-        self._eof = False
+        self.ended = False
         self._line = line  # the line of buf[0]
         self._col0 = 0  # buf index where buf[0]'s line starts (<= 0: before buf)
 
     def fill(self, n: int) -> bool:
         """Make ``n`` characters available from ``i`` if the stream has them; False at its end."""
-        while len(self.buf) - self.i < n and not self._eof:
+        while len(self.buf) - self.i < n and not self.ended:
             block = next(self._blocks, None)
             if block is None:
-                self._eof = True
+                self.ended = True
                 break
             self._drop()
             self.buf += block
@@ -94,42 +97,54 @@ def _expect(c: Chars, ch: str, where: Where, msg: str) -> None:
 
 
 def string_parts(c: Chars, where: Where, strict_unicode: bool = False) -> Iterator[str]:
-    """The decoded parts of the string whose opening quote was just consumed, as read."""
+    """The decoded parts of the string whose opening quote was just consumed, as read: each
+    part is what ``json``'s own (C) string scanner makes of the read-ahead text up to a cut
+    that splits no escape and no surrogate pair."""
     while True:
-        if not c.fill(1):
-            raise _fail(c, where, "Unterminated string")
-        m = _STRING_STOP.search(c.buf, c.i)
-        if m is None:
-            part, c.i = c.buf[c.i:], len(c.buf)
-            yield part
+        c.fill(_READ_AHEAD)
+        eof = c.ended  # the buffer holds all the rest
+        cut = len(c.buf) if eof else _cut(c.buf, c.i, len(c.buf))
+        if cut == c.i:  # nothing safe to cut yet: read further
+            c.fill(len(c.buf) - c.i + _READ_AHEAD)
             continue
-        if m.start() > c.i:
-            yield c.buf[c.i:m.start()]
-        c.i = m.start()
-        ch = c.buf[c.i]
-        if ch == '"':
-            c.i += 1
+        try:
+            part, end = scanstring(c.buf[c.i:cut] + '"', 0, True)
+        except json.JSONDecodeError as err:
+            c.i += err.pos
+            raise _fail(c, where, err.msg) from None
+        closed = end <= cut - c.i
+        if closed or not eof:
+            bad = _SURROGATE.search(part) if strict_unicode else None
+            if bad:
+                raise UserError(f"data.source: {where(c)} holds a lone surrogate \\u{ord(bad.group()):04x}, "
+                                "which is not Unicode text")
+            if part:
+                yield part
+        if closed:
+            c.i += end
             return
-        if ch != "\\":
-            raise _fail(c, where, "Invalid control character")
-        c.fill(12)
-        esc = c.buf[c.i + 1:c.i + 2]
-        if esc in _ESCAPES:
-            c.i += 2
-            yield _ESCAPES[esc]
-            continue
-        if esc != "u" or not re.fullmatch(r"[0-9a-fA-F]{4}", c.buf[c.i + 2:c.i + 6]):
-            raise _fail(c, where, "Invalid \\escape")
-        code = int(c.buf[c.i + 2:c.i + 6], 16)
-        c.i += 6
-        if 0xD800 <= code < 0xDC00 and re.fullmatch(r"\\u[dD][c-fC-F][0-9a-fA-F]{2}", c.buf[c.i:c.i + 6]):
-            low = int(c.buf[c.i + 2:c.i + 6], 16)
-            c.i += 6
-            yield chr(0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00))
-            continue
-        if strict_unicode and 0xD800 <= code < 0xE000:
-            raise UserError(f"data.source: {where(c)} holds a lone surrogate \\u{code:04x}, which is not Unicode text")
-        yield chr(code)
+        if eof:
+            c.i = len(c.buf)
+            raise _fail(c, where, "Unterminated string")
+        c.i = cut
+
+
+def _cut(buf: str, lo: int, hi: int) -> int:
+    """The largest ``j`` in [lo, hi] where the string text ``buf[lo:]`` (``lo`` at an escape
+    boundary) splits no escape and no surrogate pair; ``lo`` when there is none. Every
+    backslash is taken for an escape's start: wrong only for the second of ``\\\\``, where
+    it moves the cut back one escape more than needed, never onto an escape."""
+    j = hi
+    while j > lo:
+        k = buf.rfind("\\", max(lo, j - 6), j)  # an escape spanning j starts at most 6 before it
+        if k == -1:
+            return j
+        size = 6 if buf[k + 1:k + 2] == "u" else 2
+        high = size == 6 and buf[k + 2:k + 4].lower() in ("d8", "d9", "da", "db")
+        if k + size < j or (k + size == j and not high):
+            return j
+        j = k  # before the escape that spans j (or a high surrogate that ends at it)
+    return lo
 
 
 def _key(c: Chars, where: Where) -> str:
@@ -217,8 +232,7 @@ def record(c: Chars, field: str, where: Where, drops: dict[str, int]) -> Iterato
     document must be read before this generator is advanced (it is drained if not)."""
     c.skip_ws()
     if c.peek() != "{":
-        ch = c.peek()
-        kind = "an array" if ch == "[" else "a string" if ch == '"' else _KINDS.get(ch, "a number")
+        kind = _KINDS.get(c.peek(), "a number")
         raise UserError(f"data.text_field: '{field}' not found in {where(c)} (it holds {kind}, not an object)")
     c.i += 1
     keys: list[str] = []

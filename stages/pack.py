@@ -31,7 +31,7 @@ from pipeline.progress import Progress, human
 from pipeline.resources import require_memory
 from stages.corpus import iter_texts, periodic_documents
 from stages.specs import PackSpec
-from stages.tokenizer import PIECE_CHARS, TextEncoder, load_tokenizer
+from stages.tokenizer import PIECE_CHARS, TextEncoder
 
 SCHEMA = pa.schema([
     ("window_id", pa.int64()),
@@ -85,20 +85,19 @@ def _token_documents(spec: PackSpec, drops: dict[str, int]) -> Iterator[Iterator
     """Documents as token ids in parts (BOS first when the tokenizer has one): a document of up
     to ``PIECE_CHARS`` characters in one part, encoded in a batch with others; a longer one
     streamed part by part, so memory does not grow with a document's length."""
-    tok = load_tokenizer(spec.data.tokenizer)
+    encoder = TextEncoder.load(spec.data.tokenizer)
     lo, hi = spec.pack.doc_len
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    bos = [encoder.bos_token_id] if encoder.bos_token_id is not None else []
     # Synthetic lengths are in characters (periodic ones in ids); leave room for BOS so a
     # doc is one chunk.
     doc_len = (lo, max(lo, hi - len(bos)))
     if spec.data.source == "periodic":
-        if spec.data.periodic.alphabet_size > len(tok):
+        if spec.data.periodic.alphabet_size > encoder.vocab_size:
             raise UserError(f"data.periodic.alphabet_size {spec.data.periodic.alphabet_size} exceeds the "
-                            f"vocabulary of {spec.data.tokenizer} ({len(tok)} ids)")
+                            f"vocabulary of {spec.data.tokenizer} ({encoder.vocab_size} ids)")
         for ids in periodic_documents(spec.data.periodic, doc_len, spec.seed):
             yield iter((np.asarray(bos + ids, dtype=np.int32),))
         return
-    encoder = TextEncoder(tok, byte=spec.data.tokenizer == "byte")
     head = np.asarray(bos, dtype=np.int32)
     batch: list[str] = []
     size = 0

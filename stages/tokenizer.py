@@ -20,10 +20,11 @@ from pipeline.locate import TOKENIZER_FILES, hub_ref, local_path, ref_identity
 
 BYTE_SPECIALS = ["<pad>", "<s>", "</s>", "<sep>"]  # ids 256, 257, 258, 259
 BYTE_VOCAB_SIZE = 256 + len(BYTE_SPECIALS)
+BYTE_BOS = 256 + BYTE_SPECIALS.index("<s>")
 
 
-__all__ = ["BYTE_SPECIALS", "BYTE_VOCAB_SIZE", "TOKENIZER_FILES", "build_byte_tokenizer", "load_tokenizer",
-           "tokenizer_identity"]
+__all__ = ["BYTE_BOS", "BYTE_SPECIALS", "BYTE_VOCAB_SIZE", "PIECE_CHARS", "TOKENIZER_FILES", "TextEncoder",
+           "build_byte_tokenizer", "byte_ids", "load_tokenizer", "tokenizer_identity"]
 
 
 def build_byte_tokenizer() -> Any:
@@ -171,6 +172,14 @@ class TextEncoder:
     def __init__(self, tok: Any, byte: bool):
         self.tok = tok
         self.byte = byte
+        self.bos_token_id = BYTE_BOS if byte else tok.bos_token_id
+        self.vocab_size = BYTE_VOCAB_SIZE if byte else len(tok)
+
+    @classmethod
+    def load(cls, spec: str, field: str = "data.tokenizer") -> "TextEncoder":
+        """The encoder of a ``data.tokenizer`` value; the byte tokenizer's needs no
+        ``transformers`` (its import alone is seconds and hundreds of MB)."""
+        return cls(None, True) if spec == "byte" else cls(load_tokenizer(spec, field), False)
 
     def batch(self, texts: list[str]) -> list[np.ndarray]:
         if self.byte or not texts:

@@ -128,6 +128,7 @@ def test_text_that_is_not_unicode_is_refused_with_its_place(tmp_path, name, cont
 def test_long_records_are_refused_like_short_ones(tmp_path, monkeypatch):
     """The streaming parser (records longer than a read block) gives the same refusals."""
     monkeypatch.setattr(corpus, "_LINE_BLOCK", 64)
+    monkeypatch.setattr("stages.jsonstream._READ_AHEAD", 5)
     pad = "p" * 200
     cases = [
         (f'{{"pad": "{pad}", "text": "a\\ud800"}}\n', r"line 1 holds a lone surrogate \\ud800"),
@@ -145,12 +146,17 @@ def test_long_records_are_refused_like_short_ones(tmp_path, monkeypatch):
             _texts(tmp_path / "docs.jsonl")
 
 
-def test_parquet_text_that_is_not_utf8_names_the_row(tmp_path):
+def test_text_columns_that_are_not_utf8_are_named(tmp_path):
+    import datasets
+
     raw = pa.array([b"ok", b"fine", b"bad \xff\xfe"], type=pa.binary())
-    pq.write_table(pa.table({"text": pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())}),
-                   tmp_path / "docs.parquet")
+    column = pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())  # Arrow does not check it here
+    pq.write_table(pa.table({"text": column}), tmp_path / "docs.parquet")
     with pytest.raises(UserError, match=r"docs\.parquet row 2 of column 'text' is not valid UTF-8"):
         _texts(tmp_path / "docs.parquet")
+    datasets.Dataset(pa.table({"text": column})).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(UserError, match=r"column 'text' of the saved dataset .*ds is not valid UTF-8"):
+        _texts(tmp_path / "ds")
 
 
 def test_a_text_field_twice_is_refused_only_at_the_top_level(tmp_path):

@@ -74,6 +74,8 @@ def test_byte_ids_are_the_byte_tokenizers():
         "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(300)]
     for text in texts:
         assert T.byte_ids(text).tolist() == tok(text, add_special_tokens=False)["input_ids"], text
+    encoder = T.TextEncoder.load("byte")  # without transformers
+    assert (encoder.bos_token_id, encoder.vocab_size) == (tok.bos_token_id, len(tok))
 
 
 @pytest.mark.parametrize("kind", ["byte", "byte-dir", "gpt2", "metaspace"])
@@ -88,7 +90,7 @@ def test_streamed_ids_equal_whole_document_ids(kind, tmp_path, monkeypatch):
     text = _words_text(60_000, 2)
     text = text[:30_000] + "x<s>y" * 2000 + text[30_000:]  # specials spelled near seams
     whole = tok(text, add_special_tokens=False)["input_ids"]
-    encoder = T.TextEncoder(tok, byte=kind == "byte")
+    encoder = T.TextEncoder.load("byte") if kind == "byte" else T.TextEncoder(tok, byte=False)
     for pieces in (_pieces(text, rng, 3000), [text], _pieces(text, rng, 20)):
         parts = list(encoder.stream(iter(pieces)))
         assert len(parts) > 5  # it did cut
@@ -119,6 +121,7 @@ def _records() -> list[dict]:
     return [
         {"id": 1, "text": text, "meta": {"a": [1, 2.5e3, None, True, {"b": "c\\\"d"}], "e": []}},
         {"text": text + "\n\t\"quoted\" \\ back/slash \u00e9 \U0001F600 \u2028 end"},
+        {"text": "\\" * 301 + "\U0001F600" * 50 + "\\\"" * 40 + "\x01\x1f" * 30},
         {"before": "x" * 3000, "n": -0.5, "text": "中" * 2000, "after": [[[]]]},
         {"text": None, "id": 2},
         {"text": "", "id": 3},
@@ -126,8 +129,9 @@ def _records() -> list[dict]:
     ]
 
 
+@pytest.mark.parametrize("read_ahead", [1, 7, 64])
 @pytest.mark.parametrize("ensure_ascii", [True, False])
-def test_long_jsonl_records_stream_as_json_loads_reads_them(tmp_path, monkeypatch, ensure_ascii):
+def test_long_jsonl_records_stream_as_json_loads_reads_them(tmp_path, monkeypatch, ensure_ascii, read_ahead):
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps(r, ensure_ascii=ensure_ascii) + "\n" for r in _records()) + "\n")
     cfg = parse_config({"data": {"source": str(src)}}).data
@@ -136,6 +140,7 @@ def test_long_jsonl_records_stream_as_json_loads_reads_them(tmp_path, monkeypatc
     # Blocks of 256 bytes: every record but the short one takes the streaming parser.
     monkeypatch.setattr(corpus, "_LINE_BLOCK", 256)
     monkeypatch.setattr(jsonstream, "PIECE_CHARS", 100)
+    monkeypatch.setattr(jsonstream, "_READ_AHEAD", read_ahead)  # cuts between (and inside) escapes
     drops: dict = {}
     docs = [list(d) for d in corpus.iter_texts(cfg, (1, 10), 0, drops)]
     assert ["".join(d) for d in docs] == whole == [r["text"] for r in _records() if r["text"]]
@@ -205,3 +210,18 @@ def test_pack_memory_does_not_grow_with_a_documents_length(tmp_path):
         n = (tmp_path / "big.txt").stat().st_size - 1
         assert stats["tokens_read"] == n + 1 and stats["windows"] == (n + 1) // 8192, stats
         assert peak - small < 100, (name, peak, small)
+
+
+def test_streamed_strings_decode_as_json_loads_does(monkeypatch):
+    """Random strings (backslash runs, quotes, control characters, surrogate pairs) in random
+    blocks with random read-ahead: the parts join to what json.loads reads."""
+    rng = random.Random(7)
+    alphabet = ["\\", "\\\\", "\\u0041", "\\ud83d", '"', "a", "é", "\U0001F600", "\x01", "\n", "u", "d8", " ", "中"]
+    for trial in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
+        raw = json.dumps(text, ensure_ascii=rng.random() < 0.5) + ', "next": 1}'
+        monkeypatch.setattr(jsonstream, "_READ_AHEAD", rng.randint(1, 20))
+        c = jsonstream.Chars(iter(_pieces(raw[1:], rng, 9)))
+        parts = list(jsonstream.string_parts(c, lambda c: "here", strict_unicode=True))
+        assert "".join(parts) == text, (trial, raw)
+        assert c.buf[c.i:] + "".join(c._blocks) == ', "next": 1}'  # it stopped right after the string
