@@ -155,16 +155,21 @@ class BootstrapTaskMix(Strict):
                no periodic shortcut.
     needle:    a key+value record inside a haystack (synthetic documents or a repeated
                random sentence), the key repeated at the end; loss on the value only.
+    formats:   the eval's two formats with fresh instances: 8 + 8 data-alphabet letters
+               amid synthetic documents, or ``pass key: NNNNN.`` amid a repeated sentence
+               of random words (never the eval's filler); the question at the end, loss on
+               the answer, the fact at any distance in the window.
     """
 
     periodic: float = Field(1.0, ge=0)
     documents: float = Field(0.0, ge=0)
     spans: float = Field(0.0, ge=0)
     needle: float = Field(0.0, ge=0)
+    formats: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _some(self) -> "BootstrapTaskMix":
-        if self.periodic + self.documents + self.spans + self.needle <= 0:
+        if self.periodic + self.documents + self.spans + self.needle + self.formats <= 0:
             raise ValueError("at least one task weight must be > 0")
         return self
 
