@@ -167,16 +167,21 @@ class BootstrapTaskMix(Strict):
                no periodic shortcut.
     needle:    a key+value record inside a haystack (synthetic documents or a repeated
                random sentence), the key repeated at the end; loss on the value only.
+    formats:   the eval's two formats with fresh instances: 8 + 8 data-alphabet letters
+               amid synthetic documents, or ``pass key: NNNNN.`` amid a repeated sentence
+               of random words (never the eval's filler); the question at the end, loss on
+               the answer, the fact at any distance in the window.
     """
 
     periodic: float = Field(1.0, ge=0)
     documents: float = Field(0.0, ge=0)
     spans: float = Field(0.0, ge=0)
     needle: float = Field(0.0, ge=0)
+    formats: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _some(self) -> "BootstrapTaskMix":
-        if self.periodic + self.documents + self.spans + self.needle <= 0:
+        if self.periodic + self.documents + self.spans + self.needle + self.formats <= 0:
             raise ValueError("at least one task weight must be > 0")
         return self
 
@@ -385,7 +390,10 @@ class PhaseConfig(Strict):
     # e.g. while waiting for an induction mechanism to emerge.
     min_lr_ratio: float | None = Field(None, ge=0, le=1)
     kd: KDOverride | None = None
-    data: DataConfig | None = None  # default: the top-level data section
+    # Default: the top-level data section. ``inherit`` (a student with init_from): the
+    # parent's own documents - its last phase's data and doc_len - packed into this phase's
+    # window, so that an extension changes only the window (pipeline.resolve).
+    data: DataConfig | Literal["inherit"] | None = None
     # Document lengths packed into this phase's windows (default: pack.doc_len); e.g. one
     # window-long document per window for a short pretraining phase.
     doc_len: Range | None = None
@@ -404,6 +412,8 @@ class PhaseConfig(Strict):
     def _doc_len_fits(self) -> "PhaseConfig":
         if self.doc_len is not None and self.doc_len[1] > self.window_len:
             raise ValueError(f"doc_len max {self.doc_len[1]} exceeds window_len {self.window_len}")
+        if self.data == "inherit" and self.doc_len is not None:
+            raise ValueError("doc_len: data 'inherit' takes the parent's doc_len too; drop doc_len")
         return self
 
 
@@ -675,6 +685,9 @@ class Config(Strict):
                 raise ValueError(f"students[{i}].init_from: '{v.init_from}' is not an earlier student "
                                  f"(earlier: {', '.join(names[:i]) or 'none'})")
             for j, phase in enumerate(v.phases):
+                if phase.data == "inherit" and v.init_from is None:
+                    raise ValueError(f"students[{i}].phases[{j}].data: 'inherit' needs init_from "
+                                     "(the student whose documents it reads)")
                 if phase.window_len < self.pack.doc_len[1]:
                     raise ValueError(f"students[{i}].phases[{j}].window_len {phase.window_len} is smaller "
                                      f"than pack.doc_len max {self.pack.doc_len[1]}")
@@ -685,6 +698,8 @@ class Config(Strict):
     @model_validator(mode="after")
     def _phases_fit_docs(self) -> "Config":
         for i, phase in enumerate(self.train.phases):
+            if phase.data == "inherit":
+                raise ValueError(f"train.phases[{i}].data: 'inherit' is for a student with init_from")
             if phase.window_len < self.pack.doc_len[1]:
                 raise ValueError(
                     f"train.phases[{i}].window_len {phase.window_len} is smaller than "

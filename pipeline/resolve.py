@@ -1,11 +1,12 @@
 """The one resolver: the validated YAML tree -> frozen specs, one per graph node.
 
 Every inherited default is filled in here and nowhere else: a phase's ``data`` and
-``doc_len`` (else the top level's), its ``kd`` overrides over ``train.kd``, its ``lr`` and
-``min_lr_ratio``, a variant's ``batch_size`` / ``micro_batch`` / ``seeds``, ``init_from``
-(the parent's exported model becomes ``student.init``), ``eval.data``, ``eval.heldout_seed``
-and the students of a config without ``students:`` (one student trained on
-``train.phases``). Where outputs live (the run directory layout) is decided here too.
+``doc_len`` (else the top level's; with ``data: inherit`` its parent's, ``variant_phases``),
+its ``kd`` overrides over ``train.kd``, its ``lr`` and ``min_lr_ratio``, a variant's
+``batch_size`` / ``micro_batch`` / ``seeds``, ``init_from`` (the parent's exported model
+becomes ``student.init``), ``eval.data``, ``eval.heldout_seed`` and the students of a config
+without ``students:`` (one student trained on ``train.phases``). Where outputs live (the run
+directory layout) is decided here too.
 """
 
 from __future__ import annotations
@@ -75,6 +76,25 @@ def _unbudgeted(cfg: Config, phase: PhaseConfig) -> PackSpec:
     return PackSpec(data=phase.data or cfg.data, pack=pack, seed=cfg.run.seed)
 
 
+def variant_phases(cfg: Config, variant: StudentVariant) -> list[PhaseConfig]:
+    """The variant's phases with ``data: inherit`` filled in: the ``init_from`` parent's own
+    documents - the data and doc_len of its last phase, itself resolved - so that an extension
+    reads the base's distribution (the same document lengths and mix, every fact and its
+    question inside one document) and changes only the window."""
+    out = []
+    for j, ph in enumerate(variant.phases):
+        if ph.data == "inherit":
+            parent = next(v for v in cfg.students if v.name == variant.init_from)
+            src = variant_phases(cfg, parent)[-1]
+            doc_len = src.doc_len or cfg.pack.doc_len
+            if doc_len[1] > ph.window_len:
+                raise UserError(f"students.{variant.name}.phases[{j}].data: 'inherit' reads {parent.name}'s "
+                                f"documents of up to {doc_len[1]} tokens, longer than window_len {ph.window_len}")
+            ph = ph.model_copy(update={"data": src.data or cfg.data, "doc_len": doc_len})
+        out.append(ph)
+    return out
+
+
 def _budget_key(spec: PackSpec) -> str:
     """Which phases share a pack, from the config alone (no data file is read or hashed)."""
     return fingerprint(spec.describe())
@@ -85,7 +105,7 @@ def _budgets(cfg: Config) -> dict[str, int]:
     differ only in steps share one pack and one cache, sized to the longest."""
     out: dict[str, int] = {}
     for v in cfg.students or [None]:
-        phases = v.phases if v is not None else cfg.train.phases
+        phases = variant_phases(cfg, v) if v is not None else cfg.train.phases
         batch = (v.batch_size if v is not None and v.batch_size else None) or cfg.train.batch_size
         for ph in phases:
             key = _budget_key(_unbudgeted(cfg, ph))
@@ -127,8 +147,9 @@ def _train_spec(cfg: Config, variant: StudentVariant | None, seed: int, parent: 
                 lay: Layout) -> TrainSpec:
     raw = cfg.resolved()
     raw["students"] = []
+    phases = variant_phases(cfg, variant) if variant is not None else cfg.train.phases
     if variant is not None:
-        raw["train"]["phases"] = [p.model_dump(mode="json") for p in variant.phases]
+        raw["train"]["phases"] = [p.model_dump(mode="json") for p in phases]
         for key in ("batch_size", "micro_batch"):
             if getattr(variant, key) is not None:
                 raw["train"][key] = getattr(variant, key)
@@ -140,8 +161,7 @@ def _train_spec(cfg: Config, variant: StudentVariant | None, seed: int, parent: 
     identity = {k: raw[k] for k in ("data", "pack", "teacher", "cache", "student", "train")}
     identity["train"] = {k: v for k, v in raw["train"].items() if k not in NOT_IDENTITY}
     # The windows its phases read, which other students' steps may enlarge (a shared pack).
-    identity["phase_windows"] = [phase_pack_spec(cfg, ph).pack.max_windows
-                                 for ph in (variant.phases if variant is not None else cfg.train.phases)]
+    identity["phase_windows"] = [phase_pack_spec(cfg, ph).pack.max_windows for ph in phases]
     resolved = Config.model_validate(raw)  # the variant's sections, validated (cross-field checks too)
     where = f"students.{variant.name}.phases" if variant is not None else "train.phases"
     return TrainSpec(

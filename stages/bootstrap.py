@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from pipeline.atomic import atomic_dir, atomic_write_json
@@ -42,7 +43,7 @@ from pipeline.config import BootstrapConfig, BootstrapPhase, BootstrapTaskMix, D
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
 from pipeline.progress import Progress
-from stages.corpus import synthetic_document
+from stages.corpus import KEY_LEN, PASSKEY_DIGITS, PASSKEY_PREFIX, VALUE_LEN, synthetic_document
 from stages.evaluate.report import effective_length, save_heatmap
 from stages.evaluate.retrieval import grid, score_probes
 from stages.evaluate.tasks import TASKS, Haystack, build_probes
@@ -168,50 +169,79 @@ def document_row(docs: DocumentStream, window: int) -> tuple[torch.Tensor, torch
     return ids, labels
 
 
-def place_needle(haystack: list[int], key: list[int], value: list[int], length: int, at: int) -> list[int]:
-    """haystack[:at] + key + value + haystack[at:room] + key, exactly ``length`` ids."""
-    room = length - 2 * len(key) - len(value)
+def place_needle(haystack: list[int], needle: list[int], query: list[int], length: int, at: int) -> list[int]:
+    """haystack[:at] + needle + haystack[at:room] + query, exactly ``length`` ids."""
+    room = length - len(needle) - len(query)
     hay = haystack[:room]
-    return hay[:at] + key + value + hay[at:] + key
+    return hay[:at] + needle + hay[at:] + query
+
+
+def retrieval_row(gen: torch.Generator, haystack: list[int], window: int, max_distance: int,
+                  needle: list[int], query: list[int], answer: list[int],
+                  dist: DistanceSampler = DistanceSampler()) -> tuple[torch.Tensor, torch.Tensor]:
+    """``needle`` (= query + answer + anything after) in a haystack, the query at the end and
+    the answer after it; loss on the answer only. The distance from the needle's answer to the
+    context's end (the probe's distance) is drawn by ``dist``: at least the needle's length
+    (needle right before the query), at most the context minus the query; ``AT_START_SHARE``
+    of the rows that can reach it put the needle at position 0."""
+    length = window - len(answer)
+    longest = min(max_distance, length - len(query))
+    if longest == length - len(query) and float(torch.rand((), generator=gen)) < AT_START_SHARE:
+        d = longest  # the needle at position 0, where attention sinks live
+    else:
+        d = dist.sample(gen, len(needle), longest)
+    ctx = place_needle(haystack, needle, query, length, length - len(query) - d)
+    ids = torch.tensor(ctx + answer)  # [window]
+    labels = torch.full_like(ids, IGNORE)
+    labels[-len(answer):] = ids[-len(answer):]
+    return ids, labels
 
 
 def needle_row(gen: torch.Generator, haystack: list[int], window: int, max_distance: int,
                alphabet: torch.Tensor, dist: DistanceSampler = DistanceSampler(),
                key_len: int = 8, value_len: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """A needle (key + value) in a haystack, the key again at the end; loss on the value.
-
-    The distance from the query's end to the value's start is drawn by ``dist``; it is at
-    least key + value (needle right before the query) and at most the context minus a key.
-    """
+    """A needle (key + value drawn from ``alphabet``) in a haystack, the key again at the end;
+    loss on the value (``retrieval_row``)."""
     kv = alphabet[torch.randint(len(alphabet), (key_len + value_len,), generator=gen)].tolist()
-    key, value = kv[:key_len], kv[key_len:]
-    length = window - value_len
-    longest = min(max_distance, length - key_len)
-    if longest == length - key_len and float(torch.rand((), generator=gen)) < AT_START_SHARE:
-        d = longest  # the needle at position 0, where attention sinks live
-    else:
-        d = dist.sample(gen, key_len + value_len, longest)
-    ctx = place_needle(haystack, key, value, length, length - key_len - d)
-    ids = torch.tensor(ctx + value)  # [window]
-    labels = torch.full_like(ids, IGNORE)
-    labels[-value_len:] = ids[-value_len:]
-    return ids, labels
+    return retrieval_row(gen, haystack, window, max_distance, kv, kv[:key_len], kv[key_len:], dist)
+
+
+def formats_row(gen: torch.Generator, docs: DocumentStream, window: int, max_distance: int,
+                data_alphabet: torch.Tensor, dist: DistanceSampler = DistanceSampler()) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval's two formats (``stages.evaluate.tasks``) with fresh instances, half each:
+    a key + value of data-alphabet letters (``KEY_LEN`` + ``VALUE_LEN``) amid synthetic
+    documents, asked by the key; or ``pass key: NNNNN.`` amid a repeated sentence of random
+    words (never the eval's filler), asked by ``pass key: ``. What the probes score, trained
+    at every distance in the window rather than hoped for from the other tasks."""
+    if float(torch.rand((), generator=gen)) < 0.5:
+        kv = data_alphabet[torch.randint(len(data_alphabet), (KEY_LEN + VALUE_LEN,), generator=gen)].tolist()
+        return retrieval_row(gen, docs.take(window), window, max_distance, kv, kv[:KEY_LEN], kv[KEY_LEN:], dist)
+    prefix = encode(PASSKEY_PREFIX)
+    digits = encode("".join(str(int(x)) for x in torch.randint(10, (PASSKEY_DIGITS,), generator=gen)))
+    return retrieval_row(gen, word_filler(gen, window), window, max_distance, prefix + digits + encode("."),
+                         prefix, digits, dist)
+
+
+def word_filler(gen: torch.Generator, window: int) -> list[int]:
+    """A sentence of 3-15 random lowercase words (2-7 letters), spaces, a full stop, repeated
+    to ``window`` ids: English-like filler, as the passkey probe's, but never its sentence."""
+    seg: list[int] = []
+    for _ in range(int(torch.randint(3, 16, (1,), generator=gen))):
+        word = torch.randint(97, 123, (int(torch.randint(2, 8, (1,), generator=gen)),), generator=gen)
+        seg += word.tolist() + [32]
+    seg[-1:] = [46, 32]  # ". "
+    return (seg * (window // len(seg) + 1))[:window]
 
 
 def filler_haystack(gen: torch.Generator, window: int, alphabet: torch.Tensor) -> list[int]:
     """A short random sentence repeated (the passkey probe's kind of haystack): every query
     token has many short matches in it, so only the one long match is right. Half of the
-    sentences are random words (2-7 letters, spaces, a full stop) like English filler."""
+    sentences are random words (``word_filler``), half random characters of ``alphabet``."""
     if float(torch.rand((), generator=gen)) < 0.5:
         n = int(torch.randint(8, 129, (1,), generator=gen))
         seg = alphabet[torch.randint(len(alphabet), (n,), generator=gen)].tolist()
-    else:
-        seg = []
-        for _ in range(int(torch.randint(3, 16, (1,), generator=gen))):
-            word = torch.randint(97, 123, (int(torch.randint(2, 8, (1,), generator=gen)),), generator=gen)
-            seg += word.tolist() + [32]
-        seg[-1:] = [46, 32]  # ". "
-    return (seg * (window // len(seg) + 1))[:window]
+        return (seg * (window // len(seg) + 1))[:window]
+    return word_filler(gen, window)
 
 
 @dataclass
@@ -231,7 +261,8 @@ class PhaseSampler:
     gen: torch.Generator
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        weights = torch.tensor([self.mix.periodic, self.mix.documents, self.mix.spans, self.mix.needle])
+        weights = torch.tensor([self.mix.periodic, self.mix.documents, self.mix.spans, self.mix.needle,
+                                self.mix.formats])
         kinds = torch.multinomial(weights, size, replacement=True, generator=self.gen).tolist()
         rows = []
         for kind in kinds:
@@ -243,6 +274,9 @@ class PhaseSampler:
             elif kind == 2:
                 rows.append(spans_row(self.gen, self.window, self.span_len, self.max_distance, a,
                                       self.dist))
+            elif kind == 4:
+                rows.append(formats_row(self.gen, self.docs, self.window, self.max_distance,
+                                        self.data_alphabet, self.dist))
             else:
                 # Documents or a repeated filler around the needle; keys of 4-12 tokens from
                 # the data alphabet or the row's alphabet (passkeys are digits in English).
@@ -291,9 +325,38 @@ def probe_teacher(model: Any, syn: SyntheticConfig, doc_len: tuple[int, int], le
     out = {}
     for task in tasks:
         probes = build_probes(task, tok, lengths, depths, trials, seed, haystack=hay, alphabet=syn.alphabet)
-        g = grid(probes, score_probes(model, probes, batch_tokens=16384), lengths, depths)
+        scores = score_probes(model, probes, batch_tokens=16384)
+        g = grid(probes, scores, lengths, depths)
+        g["probes"] = [{"length": p.length, "depth": p.depth, "trial": p.trial, "distance": int(p.distance),
+                        "exact": sc["exact"], "token_acc": sc["token_acc"]} for p, sc in zip(probes, scores)]
         g["effective_length"] = effective_length(g["lengths"], g["exact"], EVAL_THRESHOLD)
         out[task] = g
+    return out
+
+
+def distance_edges(first_window: int, last_window: int) -> list[int]:
+    """Buckets of the by-distance scores: below the first phase's window, then doublings up to
+    the last one (0-255, 256-511, 512-1023 for windows 256 and 1024)."""
+    edges, e = [0, first_window], first_window
+    while e < last_window:
+        e = min(2 * e, last_window)
+        edges.append(e)
+    return edges
+
+
+def by_distance(probes: dict[str, Any], edges: list[int]) -> dict[str, Any]:
+    """Exact match and token accuracy per distance bucket [lo, hi) and task, with the probe
+    count: the teacher's retrieval at every distance inside its window, in one table."""
+    out: dict[str, Any] = {"edges": edges}
+    for task, g in probes.items():
+        rows = g["probes"]
+        cells = []
+        for lo, hi in zip(edges, edges[1:]):
+            xs = [r for r in rows if lo <= r["distance"] < hi]
+            cells.append({"bucket": f"{lo}-{hi - 1}", "probes": len(xs),
+                          "exact": round(float(np.mean([r["exact"] for r in xs])), 4) if xs else None,
+                          "token_acc": round(float(np.mean([r["token_acc"] for r in xs])), 4) if xs else None})
+        out[task] = cells
     return out
 
 
@@ -443,6 +506,8 @@ def run_bootstrap(spec: BootstrapSpec, out: str | Path, progress: bool = True) -
         "train_seconds": round(train_s, 1),
         "probe_seconds": round(probe_s, 1),
         "max_trained_copy_distance": trained_max,
+        "by_distance": by_distance(probes, distance_edges(boot.phases[0].window_len,
+                                                          max(p.window_len for p in boot.phases))),
         "needle_accuracy": accuracy_grid(probes["needle"]),
         "needle_token_accuracy": accuracy_grid(probes["needle"], "token_acc"),
         "passkey_accuracy": accuracy_grid(probes["passkey"]),
@@ -461,7 +526,13 @@ def run_bootstrap(spec: BootstrapSpec, out: str | Path, progress: bool = True) -
 
 
 def summary_lines(meta: dict[str, Any]) -> Iterator[str]:
-    """A short table of the needle grid for the terminal."""
+    """The by-distance scores and a short table of the needle grid, for the terminal."""
+    bd = meta.get("by_distance")
+    if bd:
+        for task in ("needle", "passkey"):
+            yield f"{task} exact / token acc by distance: " + ", ".join(
+                f"{c['bucket']} {c['exact']:.2f} / {c['token_acc']:.2f} (n={c['probes']})"
+                for c in bd.get(task, []) if c["probes"])
     for title, key in (("needle exact match", "needle_accuracy"),
                        ("needle per-token accuracy", "needle_token_accuracy")):
         grid = meta[key]
@@ -502,7 +573,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 __all__ = [
-    "periodic_row", "spans_row", "needle_row", "DistanceSampler", "PhaseSampler", "probe_teacher",
+    "periodic_row", "spans_row", "needle_row", "formats_row", "retrieval_row", "DistanceSampler", "PhaseSampler", "probe_teacher",
     "document_loss", "train_teacher", "run_bootstrap", "accuracy_grid", "summary_lines", "markdown_tables",
     "read_meta",
 ]

@@ -62,7 +62,14 @@ def test_few_steps_make_a_loadable_teacher_with_last_theta(tmp_path: Path) -> No
     assert set(meta["needle_accuracy"]) == {"64", "128"} and set(meta["passkey_accuracy"]) == {"64", "128"}
     # The probes are the eval's grids ([depth][length]), read back by the summaries.
     assert meta["needle"]["lengths"] == [64, 128] and meta["needle"]["depths"] == [0.0, 1.0]
-    assert len(list(B.summary_lines(meta))) == 2 * (2 + 2)
+    assert len(list(B.summary_lines(meta))) == 2 + 2 * (2 + 2)
+    # Scored by distance too: buckets below the first window, then doublings up to the last.
+    bd = meta["by_distance"]
+    assert bd["edges"] == [0, 64, 128] and [c["bucket"] for c in bd["needle"]] == ["0-63", "64-127"]
+    rows = meta["needle"]["probes"]
+    assert sum(c["probes"] for c in bd["needle"]) == len(rows) == 2 * 2 * 2
+    near = [r["exact"] for r in rows if r["distance"] < 64]
+    assert bd["needle"][0]["exact"] == pytest.approx(np.mean(near), abs=1e-4)
     assert B.markdown_tables(meta).count("| 0 | ") == 3
     assert meta["documents"]["window"] == 128 and meta["documents"]["ce"] > 0
     assert [e["phase"] for e in meta["log"] if e.get("done")] == [0, 1]
@@ -125,6 +132,41 @@ def test_training_rows_never_use_held_out_distances() -> None:
         key = ids[112:120].tolist()
         starts = [i for i in range(112) if ids[i:i + 8].tolist() == key]
         assert len(starts) == 1 and dist.allowed(120 - (starts[0] + 8))
+
+
+def test_formats_rows_are_the_eval_formats_at_every_distance() -> None:
+    """formats rows: the probe's needle (8 + 8 data letters amid documents) or pass key, the
+    question at the end, loss on the answer only, the fact anywhere in the window; never the
+    eval's own filler sentence."""
+    from stages.corpus import PASSKEY_PREFIX
+    from stages.evaluate.tasks import PASSKEY_FILLER
+
+    gen = torch.Generator().manual_seed(0)
+    syn = SyntheticConfig()
+    docs = B.DocumentStream(syn, (32, 128), seed=0)
+    letters = set(syn.alphabet.encode())
+    distances = {"needle": [], "passkey": []}
+    for _ in range(300):
+        ids, labels = B.formats_row(gen, docs, 512, 512, B.alphabet_ids("data", syn.alphabet))
+        assert ids.shape == labels.shape == (512,)
+        answer_at = (labels != B.IGNORE).nonzero().flatten().tolist()
+        n = len(answer_at)
+        assert answer_at == list(range(512 - n, 512))
+        text = bytes(i if i < 256 else 0 for i in ids.tolist())
+        assert PASSKEY_FILLER.encode()[:24] not in text
+        if n == 5:  # pass key: the query is the prefix, the answer five digits
+            assert text[-15:-5] == PASSKEY_PREFIX.encode() and text[-5:].isdigit()
+            fact = text.index(PASSKEY_PREFIX.encode() + text[-5:] + b".")
+            distances["passkey"].append(512 - 5 - (fact + len(PASSKEY_PREFIX)))
+        else:
+            assert n == 8 and set(text[-16:]) <= letters
+            fact = text.index(text[-16:])
+            assert fact < 512 - 16  # the key + value earlier in the window, the key asked again
+            distances["needle"].append(512 - 8 - (fact + 8))
+    for task, ds in distances.items():
+        assert len(ds) > 100, task
+        # Every part of the window: short, middle and the needle at position 0 or 1.
+        assert min(ds) < 64 and any(200 < d < 300 for d in ds) and max(ds) > 480, (task, sorted(ds)[-5:])
 
 
 def test_config_errors_name_the_field(tmp_path: Path) -> None:
