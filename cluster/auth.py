@@ -96,12 +96,48 @@ def client_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {found[0]}"} if found else {}
 
 
+def refused(address: str) -> UserError:
+    """The one line for a cluster that turned our token away (or wanted one we lack): where
+    the token was read from, never the token."""
+    found = find_token()
+    where = f"the token from {found[1]} was refused" if found else "no token was found"
+    return UserError(f"Ray at {address} requires token authentication and {where}: {HOW_TO_AUTH}")
+
+
 def explain_auth_failure(address: str, err: BaseException) -> UserError | None:
     """Turn an HTTP 401/403 from the dashboard into one actionable message."""
     text = str(err)
     markers = ("401", "403", "Unauthorized", "nauthenticated", "RAY_AUTH_TOKEN", "auth_token")
     if any(m in text for m in markers):
-        found = find_token()
-        where = f"the token from {found[1]} was refused" if found else "no token was found"
-        return UserError(f"Ray at {address} requires token authentication and {where}: {HOW_TO_AUTH}")
+        return refused(address)
     return None
+
+
+def check_gcs(address: str, timeout: float = 10.0) -> bool:
+    """Ask the GCS at ``host:port`` one question (with our token if it wants one) before
+    ``ray.init`` attaches: a refused token or an address where nothing answers is one line
+    here, where ``ray.init`` would log a retry every second for 20 s and then name neither.
+    Returns whether the cluster uses token authentication."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    def ask(metadata: list[tuple[str, str]]) -> bool:
+        with grpc.insecure_channel(address) as channel:
+            stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+            try:
+                stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), metadata=metadata, timeout=timeout)
+                return True
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    return False
+                if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise UserError(f"Ray at {address}: nothing answers there ({err.code().name.lower()}); is it up "
+                                    "(`posdistill cluster status`), and is this its GCS address (host:6379)?") from None
+                raise
+
+    if ask([]):
+        return False
+    found = find_token()
+    if found is None or not ask([("authorization", f"Bearer {found[0]}")]):
+        raise refused(address)
+    return True

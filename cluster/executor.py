@@ -1,9 +1,11 @@
 """Run cache shards on Ray: plain actors, one per teacher replica, fed from a shard queue.
 
-Placement: with GPUs in the cluster each actor takes ``teacher.gpus_per_actor`` GPUs (one
-actor per GPU group, or ``teacher.num_actors``); without, ``teacher.num_actors`` CPU actors
-(default one) share the cluster's CPUs, each running torch with that many threads.
-Actors are spread over the cluster's nodes (``scheduling_strategy="SPREAD"``).
+Placement (``placement``) is read off the alive nodes' own resources, never the cluster's
+total, which no single node may have: GPU actors take ``teacher.gpus_per_actor`` GPUs each
+and are spread over the nodes; CPU actors are sized per node (by default one per node, with
+that node's CPUs as torch threads) and pinned to it. A request no node holds fails at once,
+naming the request and the largest node; on a cluster with an autoscaler the actors may
+wait ``PLACEMENT_WAIT_S`` for a node to be added, then fail the same way.
 Faults: actors are created with unlimited restarts; when one dies mid-shard (OOM, segfault,
 a lost node) its shards go back to the front of the queue, up to ``cache.max_retries`` times
 per shard, and run on whichever actor is free next: the dead one is not waited for (a lost
@@ -21,11 +23,12 @@ from __future__ import annotations
 import collections
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.config import CacheConfig, TeacherConfig
-from pipeline.errors import UserError
+from pipeline.errors import UserError, raise_if_stopped
 from pipeline.storage import remote_for
 from stages.cache.stage import SHARDS_IN_FLIGHT, CacheJob, CacheWorker
 from stages.cache.writer import shard_name
@@ -45,6 +48,7 @@ class LocalExecutor:
             queue = list(todo[SHARDS_IN_FLIGHT:])
             try:
                 while futures:
+                    raise_if_stopped()
                     result = futures.pop(0).result()
                     if queue:
                         futures.append(pool.submit(worker.run_shard, queue.pop(0)))
@@ -56,20 +60,27 @@ class LocalExecutor:
 
 def make_cache_executor(teacher: TeacherConfig, cache: CacheConfig, address: str | None) -> "RayExecutor":
     """The Ray executor for ``address`` as ``cluster.local.resolve_address`` resolved it (None:
-    an embedded Ray on 127.0.0.1)."""
+    an embedded Ray on 127.0.0.1). A cluster address is asked first, before the cache
+    directory is touched: a refused token or nothing answering is one line."""
+    from cluster.local import check_address
+
+    check_address(address)
     return RayExecutor(address=address, teacher=teacher, max_retries=cache.max_retries)
 
 
 class _CacheActor:
-    """Ray actor body: one teacher replica."""
+    """Ray actor body: one teacher replica. Creating it only places it (``ready`` answers as
+    soon as Ray has found it a node); the teacher loads on ``load`` or the first shard, also
+    after Ray restarted the actor elsewhere, so placement can be waited for within a bound
+    while loading a large teacher takes as long as it takes."""
 
     def __init__(self, job: Any, device: str, threads: int | None):
-        # On a node without the driver's disk, a bucket-backed pack is pulled into this
-        # node's scratch (a no-op where it is already there).
-        if (pack := remote_for(job.pack_dir)) is not None:
-            pack.pull()
+        import threading
+
+        self.job, self.device, self.threads = job, device, threads
+        self.worker: CacheWorker | None = None
         self.cache = remote_for(job.cache_dir)
-        self.worker = CacheWorker(job, device=device, threads=threads)
+        self._loading = threading.Lock()
 
     def ready(self) -> str:
         """The id of the node this replica runs on."""
@@ -77,25 +88,118 @@ class _CacheActor:
 
         return ray.get_runtime_context().get_node_id()
 
+    def load(self) -> str:
+        with self._loading:
+            if self.worker is None:
+                # On a node without the driver's disk, a bucket-backed pack is pulled into this
+                # node's scratch (a no-op where it is already there).
+                if (pack := remote_for(self.job.pack_dir)) is not None:
+                    pack.pull()
+                self.worker = CacheWorker(self.job, device=self.device, threads=self.threads)
+        return self.ready()
+
     def run_shard(self, index: int) -> dict[str, Any]:
+        self.load()
+        assert self.worker is not None
         result = self.worker.run_shard(index)
         if self.cache is not None:  # published by the node that wrote it: nothing waits on the driver's disk
             name = shard_name(index)
-            self.cache.upload_file(Path(self.worker.job.cache_dir) / name, name)
+            self.cache.upload_file(Path(self.job.cache_dir) / name, name)
         return result
 
 
-def placement(resources: dict[str, float], teacher: TeacherConfig, shards: int) -> tuple[int, dict[str, float], str, int | None]:
-    """(actors, per-actor resources, device, torch threads) for the cluster's resources."""
-    gpus, cpus = resources.get("GPU", 0.0), max(1.0, resources.get("CPU", 1.0))
-    if gpus > 0 and teacher.gpus_per_actor > 0:
-        n = teacher.num_actors or max(1, int(gpus // teacher.gpus_per_actor))
-        per, device, threads = {"num_gpus": teacher.gpus_per_actor, "num_cpus": 1}, "cuda", None
-    else:
-        n = teacher.num_actors or 1
-        threads = max(1, int(cpus // n))
-        per, device = {"num_cpus": threads}, "cpu"
-    return max(1, min(n, shards)), per, device, threads
+@dataclass(frozen=True)
+class Slot:
+    """One teacher actor: what it asks of Ray, the node it is meant for (CPU actors: its
+    threads are that node's CPUs, so it must land there), its torch threads."""
+
+    request: dict[str, float]  # {"CPU": n, "GPU": g}
+    node: str | None = None
+    threads: int | None = None
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"'{k}': {v:g}" for k, v in sorted(resources.items())) + "}"
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    """{"id", "CPU", "GPU"} of every node Ray reports alive."""
+    import ray
+
+    return [{"id": n["NodeID"], "CPU": float(n["Resources"].get("CPU", 0.0)),
+             "GPU": float(n["Resources"].get("GPU", 0.0))} for n in ray.nodes() if n.get("Alive")]
+
+
+def unplaceable(request: dict[str, float], nodes: list[dict[str, Any]], what: str) -> UserError:
+    """The one line for a teacher actor no node can hold: the request and the largest node."""
+    key = lambda n: tuple(n.get(r, 0.0) for r in sorted(request, reverse=True))  # noqa: E731  GPU first
+    largest = max(nodes, key=key) if nodes else None
+    has = (f"the largest of the {len(nodes)} alive node(s) has {_fmt({r: largest.get(r, 0.0) for r in request})}"
+           if largest else "no node is alive")
+    return UserError(f"cache: no node can hold a teacher actor of {_fmt(request)} ({what}): {has}")
+
+
+def autoscaling() -> bool:
+    """Whether an autoscaler may add a node to the cluster. ``ray start --head`` alone runs a
+    read-only one, whose only node types are the nodes that are there (``node_<id>``); one
+    with a cluster config (``ray up``, KubeRay) names its types, or runs as autoscaler v2."""
+    import json
+
+    from ray._private import ray_constants
+    from ray.experimental import internal_kv
+
+    try:
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        if is_autoscaler_v2(fetch_from_server=True):
+            return True
+        raw = internal_kv._internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        types = (json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") or {} if raw else {}
+    except Exception:  # no GCS client, or a status of another shape: nothing to wait for
+        return False
+    return any(kind != f"node_{node}" for node, kind in types.items())
+
+
+def placement(nodes: list[dict[str, Any]], teacher: TeacherConfig, shards: int,
+              may_grow: bool = False) -> tuple[list[Slot], str]:
+    """The teacher actors for the cluster's alive ``nodes`` ({"id", "CPU", "GPU"}) and the
+    device they run on. GPU actors (``teacher.gpus_per_actor`` > 0, or unset on a cluster with
+    GPUs, then 1) take that many GPUs and one CPU each: ``teacher.num_actors``, else as many as
+    the nodes hold. CPU actors are sized per node: by default one per node, its threads that
+    node's CPUs; ``teacher.num_actors`` go one to each node first, the rest where they get
+    the most CPUs, each node's CPUs split among its actors. Never
+    more actors than shards. A request that no node holds is a UserError naming it and the
+    largest node (never an actor Ray would wait on forever), unless ``may_grow`` (an
+    autoscaler may add a node: the actors' demand is what makes it add one)."""
+    per_gpu = teacher.gpus_per_actor
+    if per_gpu is None:
+        per_gpu = 1.0 if any(n["GPU"] > 0 for n in nodes) else 0.0
+    shards = max(1, shards)
+    if per_gpu > 0:
+        request = {"CPU": 1.0, "GPU": per_gpu}
+        fits = sum(int(min(n["GPU"] // per_gpu, n["CPU"])) for n in nodes)
+        if fits == 0 and not may_grow:
+            raise unplaceable(request, nodes, "teacher.gpus_per_actor")
+        return [Slot(request) for _ in range(min(teacher.num_actors or max(fits, 1), shards))], "cuda"
+    cpus = {n["id"]: int(n["CPU"]) for n in nodes if n["CPU"] >= 1}
+    if not cpus:
+        raise unplaceable({"CPU": 1.0}, nodes, "a CPU teacher actor")
+    want = min(teacher.num_actors or len(cpus), shards)
+    per_node = dict.fromkeys(cpus, 0)
+    for _ in range(want):  # the next actor: to a node without one first, else where it gets the most CPUs
+        best = max(cpus, key=lambda i: (per_node[i] == 0, cpus[i] // (per_node[i] + 1), cpus[i]))
+        if cpus[best] < per_node[best] + 1:
+            raise UserError(f"teacher.num_actors: {teacher.num_actors} CPU actors need a CPU each; the "
+                            f"{len(cpus)} alive node(s) have {sum(cpus.values())} CPUs")
+        per_node[best] += 1
+    slots = []
+    for node, k in per_node.items():
+        threads = cpus[node] // k if k else 0
+        slots += [Slot({"CPU": float(threads)}, node, threads) for _ in range(k)]
+    return slots, "cpu"
+
+
+PLACEMENT_WAIT_S = 300.0  # how long teacher actors may wait for a node (an autoscaler adding one)
 
 
 class RayExecutor:
@@ -104,32 +208,73 @@ class RayExecutor:
 
     def run(self, job: Any, todo: list[int], on_done: Callable[[dict[str, Any]], None]) -> None:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from cluster.local import ray_session
 
         with ray_session(self.address):
-            n, per, device, threads = placement(ray.cluster_resources(), self.teacher, len(todo))
+            slots, device = placement(alive_nodes(), self.teacher, len(todo), may_grow=autoscaling())
             Actor = ray.remote(_CacheActor)
             # Two calls at once per actor (SHARDS_IN_FLIGHT): the next shard's forwards start
             # while the previous shard finishes writing; the worker's teacher lock orders them.
-            actors = [Actor.options(**per, max_restarts=-1, max_task_retries=0, scheduling_strategy="SPREAD",
-                                    max_concurrency=SHARDS_IN_FLIGHT).remote(job, device, threads)
-                      for _ in range(n)]
+            # A CPU actor is meant for its node (soft: restarted elsewhere if that node is lost).
+            actors = [Actor.options(num_cpus=s.request["CPU"], num_gpus=s.request.get("GPU", 0), max_restarts=-1,
+                                    max_task_retries=0, max_concurrency=SHARDS_IN_FLIGHT,
+                                    scheduling_strategy=NodeAffinitySchedulingStrategy(s.node, soft=True)
+                                    if s.node else "SPREAD").remote(job, device, s.threads)
+                      for s in slots]
             try:
+                actors = self._wait_placed(actors, slots)
                 self._wait_ready(actors)
                 self._drive(actors, job, todo, on_done)
             finally:
                 for a in actors:
                     ray.kill(a, no_restart=True)
 
-    @staticmethod
-    def _wait_ready(actors: list[Any]) -> None:
+    def _wait_placed(self, actors: list[Any], slots: list[Slot], timeout: float = PLACEMENT_WAIT_S) -> list[Any]:
+        """The actors Ray has found a node for within ``timeout`` (the others are killed);
+        none at all is a UserError naming the request and the largest node."""
         import ray
 
-        try:
-            nodes = ray.get([a.ready.remote() for a in actors])
-        except ray.exceptions.RayError as err:
-            raise _user_error(err, "teacher actor failed to start") from None
+        pending = {a.ready.remote(): i for i, a in enumerate(actors)}
+        placed: list[int] = []
+        t0, said = time.monotonic(), False
+        while pending and time.monotonic() - t0 < timeout:
+            raise_if_stopped()
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=self.poll_s)
+            for ref in done:
+                i = pending.pop(ref)
+                try:
+                    ray.get(ref)
+                    placed.append(i)
+                except ray.exceptions.RayError as err:
+                    raise _user_error(err, "teacher actor failed to start") from None
+            if pending and not said and time.monotonic() - t0 > 10:
+                print(f"cache: {len(pending)} teacher actor(s) of {_fmt(slots[next(iter(pending.values()))].request)} not placed yet; "
+                      f"waiting up to {timeout:.0f} s for room on a node", flush=True)
+                said = True
+        if not placed:
+            raise unplaceable(slots[0].request, alive_nodes(), f"waited {timeout:.0f} s")
+        for i in pending.values():
+            ray.kill(actors[i], no_restart=True)
+        if pending:
+            print(f"cache: {len(pending)} teacher actor(s) found no node within {timeout:.0f} s; "
+                  f"going on with {len(placed)}", flush=True)
+        return [actors[i] for i in sorted(placed)]
+
+    def _wait_ready(self, actors: list[Any]) -> None:
+        """Every placed actor loads its teacher (as long as that takes)."""
+        import ray
+
+        pending = [a.load.remote() for a in actors]
+        nodes: list[str] = []
+        while pending:
+            raise_if_stopped()
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=self.poll_s)
+            try:
+                nodes += ray.get(done)
+            except ray.exceptions.RayError as err:
+                raise _user_error(err, "teacher actor failed to start") from None
         counts = collections.Counter(nodes)
         print(f"cache: {len(actors)} teacher actor(s) on {len(counts)} node(s): "
               + ", ".join(f"{node[:12]} x{k}" for node, k in counts.items()), flush=True)
@@ -149,6 +294,7 @@ class RayExecutor:
         shards: dict[Any, tuple[int, int]] = {}  # ref -> (actor, shard)
         pings: dict[Any, int] = {}  # ref -> actor
         while queue or shards:
+            raise_if_stopped()
             while queue:
                 live = [a for a in range(len(actors)) if a not in down and busy[a] < SHARDS_IN_FLIGHT]
                 if not live:

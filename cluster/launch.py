@@ -33,6 +33,7 @@ from typing import Any
 from cluster.head import free_port
 from cluster.jit import check_jit_locks
 from pipeline.errors import Stopped, UserError
+from pipeline.locks import exclusive
 from pipeline.progress import LIVE_ENV, is_progress_line
 from stages.specs import TrainSpec
 from stages.train.checkpoint import complete_tags
@@ -146,11 +147,14 @@ def run_training(spec: TrainSpec, inputs: dict[int, Path], run: Path, workers: i
         raise UserError(f"--resume: no complete checkpoint under {run / 'checkpoints'}")
     check_jit_locks()
     run.mkdir(parents=True, exist_ok=True)
-    job = write_job(spec, inputs, run)
-    if spec.train.launcher == "ray":
-        return run_on_ray(job, spec, workers, address, resume)
-    cmd = local_command(spec.train.local_runner, job, workers, resume, rdzv)
-    code = run_ranks(cmd, {**rank_env(workers), RANK_ERROR_ENV: str(run / RANK_ERROR)}, run / RANK_ERROR)
+    # One training job per run directory (node 0's, in a multi-node run: the other nodes'
+    # ranks write into it as part of the same job).
+    with contextlib.nullcontext() if rdzv.follower else exclusive(run, "train job"):
+        job = write_job(spec, inputs, run)
+        if spec.train.launcher == "ray":
+            return run_on_ray(job, spec, workers, address, resume)
+        cmd = local_command(spec.train.local_runner, job, workers, resume, rdzv)
+        code = run_ranks(cmd, {**rank_env(workers), RANK_ERROR_ENV: str(run / RANK_ERROR)}, run / RANK_ERROR)
     if code != 0:
         raise RuntimeError(f"training ranks failed (exit {code}): {' '.join(cmd)}")
     return run / MODEL_DIR

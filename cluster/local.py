@@ -128,6 +128,7 @@ def connect(address: str) -> None:
         raise UserError(f"--address: {address} is a dashboard (job submission) address; run the stage there with "
                         "`posdistill submit cache CONFIG`, or give the cluster's GCS address (host:6379) or "
                         "ray://host:10001 to drive it from here")
+    check_address(address)
     # Inside a submitted Ray job ("auto") the job's runtime_env already carries the project.
     kwargs = {} if address == "auto" else {"runtime_env": project_runtime_env()}
     # A head on loopback (`posdistill cluster up`) is only reachable from a loopback driver.
@@ -142,6 +143,24 @@ def connect(address: str) -> None:
 
             hint = f"; if the cluster uses token authentication (Ray's default), export RAY_AUTH_MODE=token and {HOW_TO_AUTH}"
         raise UserError(f"cannot connect to Ray at '{address}': {str(err).splitlines()[0][:300]}{hint}") from None
+
+
+def check_address(address: str | None) -> None:
+    """A GCS address (``host:port``) answers and takes our token, else one line saying which
+    (the embedded Ray, "auto" inside a job, ``ray://`` client addresses and TLS clusters are
+    not asked)."""
+    from cluster.auth import check_gcs
+
+    if address in (None, "", "local", "auto") or "://" in address:
+        return
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):  # the plain-text probe cannot speak TLS
+        return
+    if check_gcs(address) and os.environ.get("RAY_AUTH_MODE") != "token":
+        # The cluster takes our token; ray.init sends it only in token mode, read from the
+        # environment into Ray's config (which this refreshes) when Ray was imported.
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+        _enable_token_auth()
 
 
 def resolve_address(explicit: str | None, configured: str | None = None) -> str | None:
@@ -164,16 +183,19 @@ def ray_session(address: str | None = None) -> Iterator[bool]:
     or attach to one for the duration of the block. Yields whether Ray runs embedded here."""
     import ray
 
+    from pipeline.errors import raise_if_stopped
+
     if ray.is_initialized():
         yield ray.get_runtime_context().gcs_address.startswith("127.0.0.1")
         return
     local = address in (None, "", "local")
-    with _keep_sigterm():
+    with _keep_signals():
         if local:
             start_local()
         else:
             connect(address)
     try:
+        raise_if_stopped()  # one that arrived while Ray started
         yield local
     finally:
         ray.shutdown()
@@ -181,17 +203,19 @@ def ray_session(address: str | None = None) -> Iterator[bool]:
 
 
 @contextlib.contextmanager
-def _keep_sigterm() -> Iterator[None]:
-    """``ray.init`` installs a native SIGTERM handler that aborts the process (exit -6),
-    skipping every ``finally``; put back this process's own (the CLI's unwinds and shuts
-    the embedded Ray down)."""
+def _keep_signals() -> Iterator[None]:
+    """``ray.init`` installs its own handlers (a native SIGTERM handler that aborts the process,
+    exit -6, skipping every ``finally``; its driver code sets SIGTERM's and may set SIGINT's):
+    put back this process's own for both signals (the CLI's unwind and shut the embedded Ray
+    down); ``signal.signal`` re-arms them at the C level too."""
     import signal
     import threading
 
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM) if main else None
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         yield
     finally:
-        if main and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)

@@ -16,7 +16,7 @@ import click
 
 from pipeline.atomic import OWNER_FILE, check_output_dir, owned_kind
 from pipeline.config import load_config
-from pipeline.errors import Stopped, UserError, storage_error
+from pipeline.errors import UserError, on_stop_signal, stop_signal, storage_error
 
 config_arg = click.argument("config", type=click.Path(dir_okay=False))
 student_opt = click.option("--student", default=None, help="Only this student (a students: name, or NAME-sSEED).")
@@ -493,17 +493,13 @@ def run_cmd(config: str, address: str | None) -> None:
     run_pipeline(load_config(config), address)
 
 
-def _on_sigterm(signum: int, _frame: object) -> None:
-    """SIGTERM unwinds like Ctrl-C: ``finally`` blocks shut the embedded Ray and the ranks down."""
-    raise Stopped(signum)
-
-
 def main() -> None:
     # Quiet by default: no per-file weight-loading bars from transformers / huggingface_hub
     # (inherited by the training ranks and Ray workers this process starts).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # both unwind; ``cluster.local`` puts them back after ray.init
+        signal.signal(sig, on_stop_signal)
     try:
         cli.main(standalone_mode=False)
     except UserError as err:
@@ -515,15 +511,11 @@ def main() -> None:
             raise
         click.echo(f"error: {user}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("stopped (SIGINT)", err=True)
-        sys.exit(130)
-    except Stopped as err:
-        click.echo(f"stopped ({err})", err=True)
-        sys.exit(128 + err.signum)
+    except (click.exceptions.Abort, KeyboardInterrupt) as err:  # click turns a KeyboardInterrupt into Abort
+        cause = err.__cause__ if isinstance(err, click.exceptions.Abort) else err
+        signum = getattr(cause, "signum", None) or stop_signal() or signal.SIGINT
+        click.echo(f"stopped ({signal.Signals(signum).name})", err=True)
+        sys.exit(128 + signum)
     except click.UsageError as err:  # one line, like every other bad input
         hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
         click.echo(f"error: {err.format_message()}{hint}", err=True)

@@ -288,8 +288,10 @@ class TeacherConfig(Strict):
     # files beside its weights. data.tokenizer must be the same tokenizer (checked by encoding).
     tokenizer: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    gpus_per_actor: float = Field(1.0, ge=0)  # used only when the cluster has GPUs
-    num_actors: int | None = Field(None, gt=0)  # default: as many as the cluster fits
+    # GPUs per teacher actor. Unset: 1 on a cluster with GPUs, else CPU actors; 0: CPU actors;
+    # a number asks for GPU actors (an error naming the largest node when none holds one).
+    gpus_per_actor: float | None = Field(None, ge=0)
+    num_actors: int | None = Field(None, gt=0)  # default: as many as fit (CPU: one per node)
     trust_remote_code: bool = False
     # Positions per top-k chunk: the [chunk, vocab] logits are the largest tensor built.
     chunk_len: int = Field(1024, gt=0)

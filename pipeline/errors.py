@@ -8,15 +8,41 @@ class UserError(Exception):
     """Bad input that the user can fix. The CLI prints it on one line and exits 2."""
 
 
-class Stopped(Exception):
+class Stopped(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived; raised once whatever this process started has been stopped,
-    so the CLI exits 128 + the signal number (130, 143)."""
+    so the CLI exits 128 + the signal number (130, 143). A KeyboardInterrupt, so that code
+    which handles Ctrl-C handles it: Ray's waits turn one into their own KeyboardInterrupt
+    (an exception of another type raised inside them becomes a SystemError)."""
 
     def __init__(self, signum: int):
         import signal
 
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+_received: list[int] = []  # signals the CLI's handler has seen, first first
+
+
+def on_stop_signal(signum: int, _frame: object) -> None:
+    """The CLI's SIGINT and SIGTERM handler: remember the signal, then unwind with
+    :class:`Stopped` (``finally`` blocks shut the embedded Ray and the ranks down)."""
+    _received.append(signum)
+    raise Stopped(signum)
+
+
+def stop_signal() -> int | None:
+    """The first stop signal the CLI's handler has seen, if any."""
+    return _received[0] if _received else None
+
+
+def raise_if_stopped() -> None:
+    """Raise :class:`Stopped` if a stop signal has arrived. A handler's exception lands in
+    whatever Python code runs next, which may be a library callback that swallows it (Ray
+    runs Python from its C++ threads and finalizers); loops that drive long work call this,
+    so a signal is obeyed even then."""
+    if _received:
+        raise Stopped(_received[0])
 
 
 _STORAGE_HINTS = {

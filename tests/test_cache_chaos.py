@@ -138,13 +138,15 @@ def test_random_kills_end_byte_identical(tmp_path: Path):
     assert landed >= 1, (SEED, schedule)  # at least one driver kill landed mid-job
 
 
-def _started(cfg: Path, cache: Path, log: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
-    """A cache driver with its embedded Ray and actors up and the first shard written."""
+def _started(cfg: Path, cache: Path, log: Path, when: str) -> tuple[subprocess.Popen, list[psutil.Process]]:
+    """A cache driver with its embedded Ray up and, by ``when``, its teacher actors started
+    ("actors": loading the teacher, no shard yet) or the first shard written ("shard")."""
     cache.mkdir(parents=True, exist_ok=True)
-    (cache / ".test-fault").write_text("sleep:0.4")
+    (cache / ".test-fault").write_text("sleep:0.4")  # ~40 shards of ~0.8 s: > 10 s of work left
     driver = _start(cfg, log)
     deadline = time.monotonic() + 300
-    while not list(cache.glob("shard-*.parquet")) and driver.poll() is None:
+    ready = (lambda: _actors(driver.pid)) if when == "actors" else (lambda: list(cache.glob("shard-*.parquet")))
+    while not ready() and driver.poll() is None:
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.05)
     tree = _tree(driver.pid)
@@ -163,16 +165,22 @@ def _alive(procs: list[psutil.Process]) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)])
-def test_signal_to_the_driver_alone_stops_its_embedded_ray(tmp_path: Path, sig: int, code: int):
-    """SIGINT/SIGTERM to the driver process only: it exits 130/143 and within 10 s nothing it
-    started (GCS, raylet, workers, teacher actors) is left. SIGKILL: Ray's processes still
-    go (they share the driver's fate)."""
+@pytest.mark.parametrize("sig,code,when", [(signal.SIGINT, 130, "shard"), (signal.SIGINT, 130, "actors"),
+                                           (signal.SIGTERM, 143, "shard"), (signal.SIGTERM, 143, "actors"),
+                                           (signal.SIGKILL, -9, "shard")])
+def test_signal_to_the_driver_alone_stops_its_embedded_ray(tmp_path: Path, sig: int, code: int, when: str):
+    """SIGINT/SIGTERM to the driver process only, while its teacher actors load or after its
+    first shard: it exits 130/143, the cache is not marked complete, and within 10 s nothing
+    it started (GCS, raylet, workers, teacher actors) is left. SIGKILL: Ray's processes still
+    go (they share the driver's fate). The job has many shards left when the signal lands
+    (checked), so an ignored signal fails the test, whatever the timing."""
     teacher = make_tiny_llama(tmp_path / "teacher", initializer_range=0.2)
     cfg, cache = _config(tmp_path, teacher, tmp_path / "run")
-    driver, tree = _started(cfg, cache, tmp_path / "driver.log")
+    driver, tree = _started(cfg, cache, tmp_path / "driver.log", when)
     try:
+        written = len(list(cache.glob("shard-*.parquet")))
         os.kill(driver.pid, sig)
+        assert not (cache / "manifest.json").exists()
         driver.wait(timeout=30)
         assert driver.returncode == code, (tmp_path / "driver.log").read_text()[-2000:]
         deadline = time.monotonic() + 10
@@ -182,3 +190,30 @@ def test_signal_to_the_driver_alone_stops_its_embedded_ray(tmp_path: Path, sig: 
     finally:
         _kill_all(tree)
     assert not (cache / "manifest.json").exists()
+    planned = len(json.loads((cache / "plan.json").read_text())["shards"])
+    done = len(list(cache.glob("shard-*.parquet")))
+    assert written < planned - 10 and done < planned, (written, done, planned)  # stopped mid-job
+
+
+def test_second_cache_job_on_the_same_cache_is_refused_naming_the_holder(tmp_path: Path):
+    """While one driver writes a cache, a second `cache` of the same config exits 2 with one
+    line naming the first (its pid), having touched nothing; once the first is gone the
+    cache can be finished."""
+    teacher = make_tiny_llama(tmp_path / "teacher", initializer_range=0.2)
+    cfg, cache = _config(tmp_path, teacher, tmp_path / "run")
+    driver, tree = _started(cfg, cache, tmp_path / "driver.log", "actors")
+    try:
+        second = subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", str(cfg)], cwd=REPO,
+                                capture_output=True, text=True, timeout=300)
+        assert driver.poll() is None, "the first job ended before the second was refused"
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error")]
+        assert second.returncode == 2 and len(errors) == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
+        assert f"{cache}: another cache job is writing here (pid {driver.pid} on " in errors[0]
+        os.kill(driver.pid, signal.SIGTERM)
+        driver.wait(timeout=30)
+    finally:
+        _kill_all(tree + _tree(driver.pid))
+    from pipeline.locks import exclusive
+
+    with exclusive(cache, "cache job"):  # free once its holder is gone
+        pass

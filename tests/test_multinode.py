@@ -69,7 +69,7 @@ def _up_again(env) -> None:
         time.sleep(1)
 
 
-def _cache_config(tmp_path: Path, name: str) -> tuple[Path, Path]:
+def _cache_config(tmp_path: Path, name: str, num_actors: int | None = 2, num_docs: int = 240) -> tuple[Path, Path]:
     from helpers import make_tiny_llama
 
     from pipeline.config import parse_config
@@ -77,9 +77,9 @@ def _cache_config(tmp_path: Path, name: str) -> tuple[Path, Path]:
 
     teacher = make_tiny_llama(tmp_path / "teacher", seed=3)
     raw = {"run": {"name": name, "out_dir": str(tmp_path / "run")},
-           "data": {"synthetic": {"num_docs": 240}},
+           "data": {"synthetic": {"num_docs": num_docs}},
            "pack": {"window_len": 128, "doc_len": [16, 64]},
-           "teacher": {"model": str(teacher), "num_actors": 2},
+           "teacher": {"model": str(teacher), **({"num_actors": num_actors} if num_actors else {})},
            "cache": {"k": 4, "windows_per_shard": 2, "windows_per_row_group": 1, "max_retries": 10}}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -136,6 +136,21 @@ def test_cache_job_survives_a_lost_node(cluster2, tmp_path, kill):
         while status(cluster2)["workers"][0]["running"]:  # `ray start --block` ends with its raylet
             assert time.monotonic() < deadline
             time.sleep(0.5)
+
+
+def test_default_cpu_placement_fits_the_nodes(cluster2, tmp_path):
+    """teacher.num_actors unset on two 1-CPU nodes: one actor per node with that node's CPU.
+    (Sized by the cluster's total, one actor asked for 2 CPUs, which no node has, and the
+    job waited forever.)"""
+    _up_again(cluster2)
+    nodes = _alive_nodes(cluster2)
+    cfg, cache = _cache_config(tmp_path, "default", num_actors=None, num_docs=60)
+    out = cli("submit", "cache", str(cfg), "--address", cluster2["ADDRESS"], "--follow", env=cluster2,
+              timeout=300).stdout
+    assert out.rstrip().endswith("SUCCEEDED"), out[-4000:]
+    placed = re.search(r"cache: 2 teacher actor\(s\) on 2 node\(s\): (\S+) x1, (\S+) x1", out)
+    assert placed and {nodes[0][:12], nodes[1][:12]} == set(placed.groups()), out[-4000:]
+    cli("cache", "verify", str(cache), env=cluster2)
 
 
 def test_ray_train_one_worker_per_node(cluster2, tmp_path):

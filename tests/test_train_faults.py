@@ -93,17 +93,32 @@ def test_non_finite_stops_every_rank_at_that_step(setup, fault: str, says: str):
     assert not _ranks_of(run)
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_to_the_parent_alone_stops_every_rank(setup, sig: int, code: int):
-    cfg, run = _config(setup, f"sig{int(sig)}", steps=40)
+def _training(cfg: Path, run: Path) -> subprocess.Popen:
+    """A slowed `train` (0.5 s per step) whose ranks are up and stepping."""
     (run / ".test-step-delay").write_text("0.5")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(cfg)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (run / "metrics.jsonl").is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    if not ((run / "metrics.jsonl").is_file() and len(_ranks_of(run)) >= 2):
+        _stop(proc, run)
+        raise AssertionError("the ranks never started")
+    return proc
+
+
+def _stop(proc: subprocess.Popen, run: Path) -> None:
+    for p in _ranks_of(run):
+        p.kill()
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_to_the_parent_alone_stops_every_rank(setup, sig: int, code: int):
+    cfg, run = _config(setup, f"sig{int(sig)}", steps=40)
+    proc = _training(cfg, run)
     try:
-        deadline = time.monotonic() + 240
-        while not (run / "metrics.jsonl").is_file() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-        assert (run / "metrics.jsonl").is_file() and len(_ranks_of(run)) >= 2, "the ranks never started"
         os.kill(proc.pid, sig)  # the parent only, not its process group
         _, err = proc.communicate(timeout=30)
         gone = time.monotonic() + 10
@@ -112,10 +127,31 @@ def test_signal_to_the_parent_alone_stops_every_rank(setup, sig: int, code: int)
         assert proc.returncode == code, err[-3000:]
         assert not _ranks_of(run), "ranks still running 10 s after the parent stopped"
     finally:
-        for p in _ranks_of(run):
-            p.kill()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _stop(proc, run)
+
+
+def test_second_train_on_the_same_run_dir_is_refused_naming_the_holder(setup):
+    """While one `train` writes a run directory, a second one of the same config exits 2
+    with one line naming the first (its pid) before any rank starts; once the first is
+    stopped the directory is free."""
+    from pipeline.locks import exclusive
+
+    cfg, run = _config(setup, "locked", steps=40)
+    first = _training(cfg, run)
+    try:
+        ranks = {p.pid for p in _ranks_of(run)}
+        second = _train(cfg)
+        assert first.poll() is None, "the first run ended before the second was refused"
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert len(_errors(second)) == 1 and f"{run}: another train job is writing here (pid {first.pid} on " \
+            in _errors(second)[0], second.stderr[-3000:]
+        assert {p.pid for p in _ranks_of(run)} == ranks  # the second started no rank
+        os.kill(first.pid, signal.SIGTERM)
+        first.communicate(timeout=30)
+    finally:
+        _stop(first, run)
+    with exclusive(run, "train job"):  # free once its holder is gone
+        pass
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -10,22 +10,21 @@ owns them) and writes ``manifest.json`` last.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from pipeline.atomic import atomic_write_json
 from pipeline.config import CacheConfig, TeacherConfig
-from pipeline.errors import UserError
+from pipeline.errors import UserError, raise_if_stopped
 from pipeline.fingerprint import FORMAT_VERSION, fingerprint
+from pipeline.locks import exclusive
 from pipeline.progress import Progress, human
 from stages.cache.codec import make_codec
 from stages.cache.manifest import (CONFIG_FILE, MANIFEST_FILE, PLAN_FILE, shard_plan,
@@ -171,20 +170,6 @@ class Executor(Protocol):
 # ----------------------------------------------------------------------------- the driver
 
 
-@contextlib.contextmanager
-def _exclusive(cache_dir: Path) -> Iterator[None]:
-    """One driver per cache directory (the lock dies with its process, even on kill -9)."""
-    fd = os.open(cache_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"{cache_dir}: another cache job is writing this cache") from None
-        yield
-    finally:
-        os.close(fd)
-
-
 def _check_vocab(data_tokenizer: str, vocab: int) -> None:
     from stages.tokenizer import load_tokenizer
 
@@ -247,7 +232,7 @@ def run_cache(spec: CacheSpec, pack_dir: Path, cache_dir: Path, executor: Execut
             print(f"cache: reusing {cache_dir} (all shards valid)")
         return cache_dir
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(cache_dir):
+    with exclusive(cache_dir, "cache job"):  # one driver per cache; dies with its process
         if force:
             _clear(cache_dir)
         for tmp in cache_dir.glob(TEMP_GLOB):  # left by a killed run; no writer is alive (we hold the lock)
@@ -304,6 +289,7 @@ def run_cache(spec: CacheSpec, pack_dir: Path, cache_dir: Path, executor: Execut
 
             executor.run(job, todo, on_done)
         progress.close()
+        raise_if_stopped()  # a stop signal whose exception a library swallowed: never marked complete
         for tmp in cache_dir.glob(TEMP_GLOB):  # left by workers that died mid-shard (their shard was retried)
             tmp.unlink(missing_ok=True)
         seconds = time.monotonic() - t0

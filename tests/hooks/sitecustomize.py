@@ -107,7 +107,17 @@ def _install() -> None:
     loop.train = slowed_train
 
 
-if os.environ.get("POSDISTILL_TEST_HOOKS") == "1":
+def _ray_system_process() -> bool:
+    """Ray's own daemons (dashboard, agents, monitors) run no project code: importing the stages
+    (torch) into each of them only slows a node's start, past Ray's start-up timeouts on a
+    loaded machine. Its workers (``default_worker.py``) do run the stages and get the hooks."""
+    import sys
+
+    script = (sys.argv or [""])[0].replace("\\", "/")
+    return "/ray/" in script and not script.endswith("default_worker.py")
+
+
+if os.environ.get("POSDISTILL_TEST_HOOKS") == "1" and not _ray_system_process():
     try:
         _install()
     except ImportError:  # a process without the project on its path
