@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline.atomic import atomic_write_json
 from pipeline.config import CacheConfig, TeacherConfig
-from pipeline.errors import UserError
+from pipeline.errors import UserError, write_failure
 from pipeline.fingerprint import FORMAT_VERSION, fingerprint
 from pipeline.progress import Progress, human
 from stages.cache.codec import make_codec
@@ -141,11 +141,15 @@ class CacheWorker:
             if pending is not None:
                 pending.result()
             size = writer.close()
-        except BaseException:
+        except BaseException as err:
             select_pool.shutdown(wait=True, cancel_futures=True)
             if pending is not None:
                 wait([pending])
             writer.abort()
+            # A full or read-only cache volume: one line naming the cache, from a Ray actor too.
+            user = write_failure(err, job.cache_dir) if isinstance(err, Exception) else None
+            if user is not None:
+                raise user from None
             raise
         finally:
             select_pool.shutdown(wait=True)
@@ -287,23 +291,25 @@ def run_cache(spec: CacheSpec, pack_dir: Path, cache_dir: Path, executor: Execut
         # spent on the tokens of its shards after the first.
         cpu: dict[str, Any] = {"first": {}, "last": {}, "steady_tokens": 0}
         progress = Progress("cache", len(todo), unit="shards", enabled=verbose)
-        if todo:
-            def on_done(result: dict[str, Any]) -> None:
-                nonlocal tokens
-                tokens += result["tokens"]
-                done_at.append((time.monotonic() - t0, result["tokens"]))
-                pid, used = result.get("pid"), result.get("process_cpu_seconds", 0.0)
-                if pid in cpu["first"]:
-                    cpu["steady_tokens"] += result["tokens"]
-                cpu["first"].setdefault(pid, used)
-                cpu["last"][pid] = used
-                verified[shard_name(result["index"])] = result["stat"]
-                progress.update(1, result["tokens"])
+        try:
+            if todo:
+                def on_done(result: dict[str, Any]) -> None:
+                    nonlocal tokens
+                    tokens += result["tokens"]
+                    done_at.append((time.monotonic() - t0, result["tokens"]))
+                    pid, used = result.get("pid"), result.get("process_cpu_seconds", 0.0)
+                    if pid in cpu["first"]:
+                        cpu["steady_tokens"] += result["tokens"]
+                    cpu["first"].setdefault(pid, used)
+                    cpu["last"][pid] = used
+                    verified[shard_name(result["index"])] = result["stat"]
+                    progress.update(1, result["tokens"])
 
-            executor.run(job, todo, on_done)
-        progress.close()
-        for tmp in cache_dir.glob(TEMP_GLOB):  # left by workers that died mid-shard (their shard was retried)
-            tmp.unlink(missing_ok=True)
+                executor.run(job, todo, on_done)
+        finally:  # after a failure too (a full disk): finished shards stay for the re-run to keep
+            progress.close()
+            for tmp in cache_dir.glob(TEMP_GLOB):  # left by workers that died or were stopped mid-shard
+                tmp.unlink(missing_ok=True)
         seconds = time.monotonic() - t0
         manifest = finish(cache_dir, job, identity, tokens_computed=tokens, seconds=seconds, done_at=done_at,
                           cpu=cpu, verified=verified)
