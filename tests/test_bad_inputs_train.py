@@ -2,7 +2,10 @@
 exit 2, no traceback, nothing left behind (the pattern of tests/test_bad_inputs.py).
 
 Student sizes a Llama attention cannot be built from and seeds an RNG refuses are told by
-``posdistill plan`` and by ``posdistill train`` before any node (pack, cache) or rank runs.
+``posdistill plan`` and by ``posdistill train`` before any node (pack, cache) or rank runs; a
+teacher asked for windows past its ``max_position_embeddings`` is refused unless its RoPE
+scaling covers them (then the log says so); a full disk under the cache (Ray actor or
+in-process shard writes), a checkpoint or an export is one line, with no partial output.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from stages.cache.manifest import (CONFIG_FILE, MANIFEST_FILE, PLAN_FILE, shard_
                                    write_manifest, write_plan)
 from stages.cache.verify import check_shard, read_verified, stat_key, verify_cache, write_verified
 from stages.cache.writer import TEMP_GLOB, CacheWriter, shard_name
+from stages.model_config import check_context, teacher_vocab
 from stages.specs import CacheSpec, spec_to_dict
 from stages.windows import PackedWindows
 
@@ -201,7 +202,6 @@ def _check_vocab(data_tokenizer: str, vocab: int) -> None:
 def check_inputs(spec: CacheSpec) -> int:
     """What can be told wrong from the teacher's files and the config alone, before any
     window is packed or a worker starts; returns the teacher's vocabulary size."""
-    from stages.model_config import check_context, teacher_vocab
     from stages.teacher import check_weight_files
 
     vocab = teacher_vocab(spec.teacher.model)
@@ -255,8 +255,6 @@ def run_cache(spec: CacheSpec, pack_dir: Path, cache_dir: Path, executor: Execut
         for tmp in cache_dir.glob(TEMP_GLOB):  # left by a killed run; no writer is alive (we hold the lock)
             tmp.unlink(missing_ok=True)
         job = build_job(spec, Path(pack_dir), cache_dir, fp)
-        from stages.model_config import check_context
-
         note = check_context(spec.teacher.model, job.window_len)  # checked by build_job; the note if scaled
         if note and verbose:
             print(f"cache: {note}")
