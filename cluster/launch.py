@@ -36,8 +36,8 @@ from pipeline.errors import Stopped, UserError
 from pipeline.locks import exclusive
 from pipeline.progress import LIVE_ENV, is_progress_line
 from stages.specs import TrainSpec
-from stages.train.checkpoint import complete_tags
-from stages.train.loop import RANK_ERROR_ENV, read_job, write_job
+from stages.train.checkpoint import complete_tags, discard_incomplete
+from stages.train.loop import RANK_ERROR_ENV, RANK_ERROR_LINE, read_job, write_job
 
 RANK_ERROR = ".rank-error"  # a rank's UserError, written by the first rank that meets one
 
@@ -151,12 +151,17 @@ def run_training(spec: TrainSpec, inputs: dict[int, Path], run: Path, workers: i
     # ranks write into it as part of the same job).
     with contextlib.nullcontext() if rdzv.follower else exclusive(run, "train job"):
         job = write_job(spec, inputs, run)
-        if spec.train.launcher == "ray":
-            return run_on_ray(job, spec, workers, address, resume)
-        cmd = local_command(spec.train.local_runner, job, workers, resume, rdzv)
-        code = run_ranks(cmd, {**rank_env(workers), RANK_ERROR_ENV: str(run / RANK_ERROR)}, run / RANK_ERROR)
-    if code != 0:
-        raise RuntimeError(f"training ranks failed (exit {code}): {' '.join(cmd)}")
+        try:
+            if spec.train.launcher == "ray":
+                return run_on_ray(job, spec, workers, address, resume)
+            cmd = local_command(spec.train.local_runner, job, workers, resume, rdzv)
+            code = run_ranks(cmd, {**rank_env(workers), RANK_ERROR_ENV: str(run / RANK_ERROR)}, run / RANK_ERROR)
+            if code != 0:
+                raise RuntimeError(f"training ranks failed (exit {code}): {' '.join(cmd)}")
+        except BaseException:
+            if not rdzv.multi:  # every rank is gone; another node's might still be writing
+                discard_incomplete(run / "checkpoints")
+            raise
     return run / MODEL_DIR
 
 
@@ -186,10 +191,14 @@ def run_ranks(cmd: list[str], env: dict[str, str], error_file: Path, grace_s: fl
 
     live = sys.stderr.isatty()  # progress lines redraw in place, as in the ranks' own terminal
 
+    reported: list[str] = []  # a rank's message that could not go to error_file (a full disk)
+
     def forward() -> None:
         drawn = False  # the cursor sits after a redrawn progress line
         for line in proc.stderr:
-            if error_file.exists():
+            if RANK_ERROR_LINE in line and not reported:
+                reported.append(line.split(RANK_ERROR_LINE, 1)[1].strip())
+            if error_file.exists() or reported:
                 continue
             if live and is_progress_line(line):
                 sys.stderr.write("\r" + line.rstrip("\n") + "\x1b[K")
@@ -228,10 +237,10 @@ def run_ranks(cmd: list[str], env: dict[str, str], error_file: Path, grace_s: fl
     pump.join(timeout=5)
     if got:
         raise Stopped(got[0][0])
-    if error_file.exists():
-        message = error_file.read_text().strip()
-        error_file.unlink(missing_ok=True)
-        raise UserError(message)
+    message = error_file.read_text().strip() if error_file.exists() else ""
+    error_file.unlink(missing_ok=True)
+    if message or reported:
+        raise UserError(message or reported[0])
     return proc.returncode
 
 

@@ -2,6 +2,8 @@
 
 import errno
 import os
+import uuid
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -61,3 +63,41 @@ def storage_error(err: OSError, where: object = None) -> UserError | None:
     if hint is None:
         return None
     return UserError(f"{err.filename or where or 'the output directory'}: {os.strerror(err.errno)} ({hint})")
+
+
+PROBE_BYTES = 1 << 20  # a volume that cannot take 1 MiB more is full for any checkpoint or shard
+
+
+def write_failure(err: BaseException, where: str | Path) -> UserError | None:
+    """One line for a write that failed because the storage did, also when the exception lost
+    the errno on its way (``torch.save``'s RuntimeError, safetensors' SafetensorError): an
+    OSError with a storage errno speaks for itself; for anything else a probe write of
+    :data:`PROBE_BYTES` next to ``where`` tells whether the volume is full or read-only now.
+    None: not the storage (a bug keeps its traceback); a UserError or a signal is never recast."""
+    if isinstance(err, (UserError, Stopped)):
+        return None
+    if isinstance(err, OSError) and (user := storage_error(err, where)) is not None:
+        return user
+    probe = _probe(Path(where))
+    return None if probe is None else storage_error(OSError(probe, os.strerror(probe)), where)
+
+
+def _probe(where: Path) -> int | None:
+    """The storage errno a fresh write of :data:`PROBE_BYTES` beside ``where`` meets, or None."""
+    base = next((p for p in [where, *where.parents] if p.is_dir()), None)
+    if base is None:
+        return None
+    probe = base / f".posdistill-space-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # hidden: never synced
+    try:
+        with open(probe, "wb") as f:
+            f.write(bytes(PROBE_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e.errno if e.errno in _STORAGE_HINTS else None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return None

@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import UserError
-from stages.student import check_arch, check_hf_arch, check_seed
+from stages.student import check_arch, check_hf_arch, check_student_seed
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "cache_bytes.json"
 FALLBACK_BYTES_PER_ENTRY = {"plain": 3.3, "compact": 1.5}  # NOTES.md: 6 B raw / ~1.84 zstd; issue floor
@@ -142,7 +142,7 @@ def make_plan(cfg: Config, teacher_config: str | None = None, student_config: st
     from stages.model_config import context_note, text_part
 
     for spec in specs:
-        check_seed(spec.seed, f"train.seed (or run.seed, students[].seeds) of student {spec.label}")
+        check_student_seed(spec)
         for ph in spec.phases:
             if ph.cache is not None:  # the teacher reads this phase's windows
                 context_note(text_part(teacher_conf), f"teacher.model {teacher_src}", ph.window_len, teacher_src)

@@ -55,6 +55,11 @@ def check_seed(seed: int, field: str) -> None:
         raise UserError(f"{field}: seed {seed} is outside [0, 2**32)")
 
 
+def check_student_seed(spec: TrainSpec) -> None:
+    """:func:`check_seed` on a student's seed, naming the fields it may come from."""
+    check_seed(spec.seed, f"train.seed (or run.seed, students[].seeds) of student {spec.label}")
+
+
 ARCH_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
               "intermediate_size", "vocab_size")
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.atomic import atomic_write_json
 from pipeline.config import CacheConfig, TeacherConfig
-from pipeline.errors import UserError, raise_if_stopped
+from pipeline.errors import UserError, raise_if_stopped, write_failure
 from pipeline.fingerprint import FORMAT_VERSION, fingerprint
 from pipeline.locks import exclusive
 from pipeline.progress import Progress, human
@@ -31,6 +31,7 @@ from stages.cache.manifest import (CONFIG_FILE, MANIFEST_FILE, PLAN_FILE, shard_
                                    write_manifest, write_plan)
 from stages.cache.verify import check_shard, read_verified, stat_key, verify_cache, write_verified
 from stages.cache.writer import TEMP_GLOB, CacheWriter, shard_name
+from stages.model_config import check_context, teacher_vocab
 from stages.specs import CacheSpec, spec_to_dict
 from stages.windows import PackedWindows
 
@@ -140,11 +141,15 @@ class CacheWorker:
             if pending is not None:
                 pending.result()
             size = writer.close()
-        except BaseException:
+        except BaseException as err:
             select_pool.shutdown(wait=True, cancel_futures=True)
             if pending is not None:
                 wait([pending])
             writer.abort()
+            # A full or read-only cache volume: one line naming the cache, from a Ray actor too.
+            user = write_failure(err, job.cache_dir) if isinstance(err, Exception) else None
+            if user is not None:
+                raise user from None
             raise
         finally:
             select_pool.shutdown(wait=True)
@@ -182,7 +187,6 @@ def _check_vocab(data_tokenizer: str, vocab: int) -> None:
 def check_inputs(spec: CacheSpec) -> int:
     """What can be told wrong from the teacher's files and the config alone, before any
     window is packed or a worker starts; returns the teacher's vocabulary size."""
-    from stages.model_config import check_context, teacher_vocab
     from stages.teacher import check_weight_files
     from stages.tokenizer import check_teacher_tokenizer
 
@@ -238,8 +242,6 @@ def run_cache(spec: CacheSpec, pack_dir: Path, cache_dir: Path, executor: Execut
         for tmp in cache_dir.glob(TEMP_GLOB):  # left by a killed run; no writer is alive (we hold the lock)
             tmp.unlink(missing_ok=True)
         job = build_job(spec, Path(pack_dir), cache_dir, fp)
-        from stages.model_config import check_context
-
         note = check_context(spec.teacher.model, job.window_len)  # checked by build_job; the note if scaled
         if note and verbose:
             print(f"cache: {note}")
@@ -274,24 +276,26 @@ def run_cache(spec: CacheSpec, pack_dir: Path, cache_dir: Path, executor: Execut
         # spent on the tokens of its shards after the first.
         cpu: dict[str, Any] = {"first": {}, "last": {}, "steady_tokens": 0}
         progress = Progress("cache", len(todo), unit="shards", enabled=verbose)
-        if todo:
-            def on_done(result: dict[str, Any]) -> None:
-                nonlocal tokens
-                tokens += result["tokens"]
-                done_at.append((time.monotonic() - t0, result["tokens"]))
-                pid, used = result.get("pid"), result.get("process_cpu_seconds", 0.0)
-                if pid in cpu["first"]:
-                    cpu["steady_tokens"] += result["tokens"]
-                cpu["first"].setdefault(pid, used)
-                cpu["last"][pid] = used
-                verified[shard_name(result["index"])] = result["stat"]
-                progress.update(1, result["tokens"])
+        try:
+            if todo:
+                def on_done(result: dict[str, Any]) -> None:
+                    nonlocal tokens
+                    tokens += result["tokens"]
+                    done_at.append((time.monotonic() - t0, result["tokens"]))
+                    pid, used = result.get("pid"), result.get("process_cpu_seconds", 0.0)
+                    if pid in cpu["first"]:
+                        cpu["steady_tokens"] += result["tokens"]
+                    cpu["first"].setdefault(pid, used)
+                    cpu["last"][pid] = used
+                    verified[shard_name(result["index"])] = result["stat"]
+                    progress.update(1, result["tokens"])
 
-            executor.run(job, todo, on_done)
-        progress.close()
+                executor.run(job, todo, on_done)
+        finally:  # after a failure too (a full disk): finished shards stay for the re-run to keep
+            progress.close()
+            for tmp in cache_dir.glob(TEMP_GLOB):  # left by workers that died or were stopped mid-shard
+                tmp.unlink(missing_ok=True)
         raise_if_stopped()  # a stop signal whose exception a library swallowed: never marked complete
-        for tmp in cache_dir.glob(TEMP_GLOB):  # left by workers that died mid-shard (their shard was retried)
-            tmp.unlink(missing_ok=True)
         seconds = time.monotonic() - t0
         manifest = finish(cache_dir, job, identity, tokens_computed=tokens, seconds=seconds, done_at=done_at,
                           cpu=cpu, verified=verified)

@@ -9,6 +9,7 @@ successful close, so a file without it is never taken for a shard.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -81,8 +82,10 @@ class CacheWriter:
         return self.final.stat().st_size
 
     def abort(self) -> None:
+        """Drop the temp file; closing a writer whose write failed (a full disk) may fail too."""
         try:
             if self._writer is not None:
-                self._writer.close()
+                with contextlib.suppress(Exception):
+                    self._writer.close()
         finally:
             self.tmp.unlink(missing_ok=True)

@@ -131,6 +131,15 @@ def complete_tags(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / MARKER).is_file() and (p / STATE).is_file())
 
 
+def discard_incomplete(root: Path) -> None:
+    """Remove the ``step-*`` directories without a marker, once no rank writes any more: a save
+    that failed (a full disk) is never loaded, and its files would hold the space a re-run needs."""
+    if root.is_dir():
+        for tag in root.glob("step-*"):
+            if tag.is_dir() and not (tag / MARKER).is_file():
+                shutil.rmtree(tag, ignore_errors=True)
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint tag directory from itself, a checkpoints root, or a run directory."""
     p = Path(path)

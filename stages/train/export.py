@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from pipeline.atomic import atomic_dir
-from pipeline.errors import UserError
+from pipeline.errors import UserError, write_failure
 from pipeline.fingerprint import fingerprint
 from stages.train.checkpoint import HF_DIR, STATE, find_checkpoint, weights_only_loading
 
@@ -50,13 +50,20 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str = "float32")
         model.tie_weights()
     model = model.to(getattr(torch, dtype))
     tok = AutoTokenizer.from_pretrained(str(hf), local_files_only=True)
-    with atomic_dir(out, "export", keep=(tag.parent,)) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        meta = json.loads((tag / STATE).read_text())
-        (tmp / "posdistill.json").write_text(json.dumps({"checkpoint": str(tag), "step": meta["step"],
-                                                         "phase": meta["phase"],
-                                                         "identity": fingerprint(meta.get("identity", {}))}, indent=2))
+    meta = json.loads((tag / STATE).read_text())
+    try:
+        with atomic_dir(out, "export", keep=(tag.parent,)) as tmp:  # a failed write leaves nothing
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / "posdistill.json").write_text(json.dumps({"checkpoint": str(tag), "step": meta["step"],
+                                                             "phase": meta["phase"],
+                                                             "identity": fingerprint(meta.get("identity", {}))},
+                                                            indent=2))
+    except Exception as err:  # safetensors reports a full disk as a SafetensorError, without errno
+        user = write_failure(err, out)
+        if user is None:
+            raise
+        raise user from None
     return Path(out)
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, write_failure
 from pipeline.progress import Progress, progress_interval
 from stages.specs import PhaseSpec, TrainSpec, spec_to_dict, train_spec_from_dict
 from stages.train.ds_config import deepspeed_config, precision
@@ -35,6 +35,7 @@ JOB_FILE = "train_job.json"
 # Where a rank reports bad input (set by the launcher in ``cluster.launch``): the first rank to
 # fail writes its message there, so the user sees it once, whichever rank it was.
 RANK_ERROR_ENV = "POSDISTILL_RANK_ERROR_FILE"
+RANK_ERROR_LINE = "posdistill-rank-error: "  # _report's stderr fallback, read by cluster.launch.run_ranks
 
 
 def write_job(spec: TrainSpec, inputs: dict[int, Path], run_dir: Path) -> Path:
@@ -217,7 +218,20 @@ def build_engine(spec: TrainSpec, geo: Geometry, env: DistEnv) -> tuple[Any, Any
 
 def train(spec: TrainSpec, inputs: dict[int, Path], run: Path, resume: bool = False) -> Path:
     """Train every phase of ``spec`` on this rank, reading phase i from ``inputs[i]`` and
-    writing checkpoints and the exported model under ``run``; returns the model directory."""
+    writing checkpoints and the exported model under ``run``; returns the model directory.
+    A write that failed for the storage's sake (a full or read-only volume under a
+    checkpoint, ``metrics.jsonl`` or the export) is one UserError naming the run directory,
+    whichever launcher runs the rank: ``torch.save`` reports a full disk without its errno."""
+    try:
+        return _train(spec, inputs, run, resume)
+    except Exception as err:
+        user = write_failure(err, run)
+        if user is None:
+            raise
+        raise user from None
+
+
+def _train(spec: TrainSpec, inputs: dict[int, Path], run: Path, resume: bool) -> Path:
     from stages.rope import apply_rope
     from stages.tokenizer import load_tokenizer
     from stages.train.checkpoint import Checkpointer
@@ -305,14 +319,24 @@ def train(spec: TrainSpec, inputs: dict[int, Path], run: Path, resume: bool = Fa
 
 
 def _report(message: str) -> None:
+    """The launcher's one error line: the error file (on the run directory, which every node
+    shares), or -- when that cannot be written, a full disk -- a marked line on stderr."""
     target = os.environ.get(RANK_ERROR_ENV)
     if target:
         try:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # the first rank wins
         except FileExistsError:
             return
-        with os.fdopen(fd, "w") as f:
-            f.write(message + "\n")
+        except OSError:
+            fd = None
+        if fd is not None:
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(message + "\n")
+                return
+            except OSError:
+                Path(target).unlink(missing_ok=True)
+        print(RANK_ERROR_LINE + message, file=sys.stderr, flush=True)
     elif int(os.environ.get("RANK", 0)) == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
 

@@ -135,11 +135,11 @@ def check_train(spec: TrainSpec, workers: int) -> None:
     import torch
 
     from stages.attention import check_backend
-    from stages.student import check_arch, check_hf_arch, check_seed
+    from stages.student import check_arch, check_hf_arch, check_student_seed
     from stages.train.ds_config import deepspeed_config
     from stages.train.metrics import check_trackers
 
-    check_seed(spec.seed, f"train.seed (or run.seed, students[].seeds) of student {spec.label}")
+    check_student_seed(spec)
     if spec.student.config is not None:
         check_arch(spec.student.config.model_dump(), "student.config.")
     init = spec.student.init
