@@ -10,23 +10,13 @@ alpha 0.5 (KD mixed with CE, the training default path), hidden size 512.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import resource
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from common import child_json, rss_kib, write_result
+
 N, V, H, K, TILE, REPEATS = 16384, 32000, 512, 32, 1024, 2
-
-
-def _rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def child(variant: str) -> dict:
@@ -41,7 +31,7 @@ def child(variant: str) -> dict:
     logp = (torch.log_softmax(torch.randn(N, K), -1) + torch.log(torch.tensor(0.9))).half()  # 10% tail
     labels = torch.randint(0, V, (N,))
     tgt = KDTargets(ids, logp)
-    base = _rss_kib()
+    base = rss_kib()
     times = []
     for _ in range(REPEATS):
         h.grad = w.grad = None
@@ -58,34 +48,24 @@ def child(variant: str) -> dict:
 
 
 def run(variant: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", variant], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return child_json([__file__, "--child", variant])
 
 
 def main() -> None:
-    import torch
-
     tiled, naive = run("tiled"), run("naive")
-    result = {
-        "metric": "kd_loss_peak_ratio", "value": round(naive["peak_mib"] / tiled["peak_mib"], 2), "unit": "x",
-        "time_ratio": round(tiled["seconds"] / naive["seconds"], 3),
-        "limits": {"peak_ratio_min": 8.0, "time_ratio_max": 1.2},
-        "tiled": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in tiled.items()},
-        "naive": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in naive.items()},
-        "setup": {"positions": N, "vocab": V, "hidden": H, "k": K, "tile": TILE, "tail": "bucket", "alpha": 0.5,
-                  "dtype": "float32", "repeats": REPEATS, "time": "min over repeats, forward + backward"},
-        "machine": {"cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-                    "torch_threads": torch.get_num_threads()},
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "kd_loss_memory.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(
+        "kd_loss_memory", metric="tiled_kd_over_naive_full_logits", unit="ratio",
+        value={"peak": round(tiled["peak_mib"] / naive["peak_mib"], 4),
+               "time": round(tiled["seconds"] / naive["seconds"], 3)},
+        goal={"peak": 0.125, "time": 1.2}, direction="<=", details={
+            "tiled": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in tiled.items()},
+            "naive": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in naive.items()},
+            "setup": {"positions": N, "vocab": V, "hidden": H, "k": K, "tile": TILE, "tail": "bucket", "alpha": 0.5,
+                      "dtype": "float32", "repeats": REPEATS, "time": "min over repeats, forward + backward"}})
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         print(json.dumps(child(sys.argv[2])))
     else:
         main()
