@@ -17,10 +17,7 @@ Run: python bench/cache_bytes.py [--teacher DIR]
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,15 +25,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from common import write_result
 
 from stages.cache.codec import codec_from_footer, make_codec  # noqa: E402
 from stages.cache.synthetic import SyntheticLM  # noqa: E402
 from stages.cache.writer import CacheWriter  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 L, PER_GROUP = 1024, 4
 
 
@@ -132,22 +126,19 @@ def main() -> None:
     pick = {(r["source"], r["k"], r["codec"]): r for r in rows}
     head = pick[("synthetic-128k", 64, "compact")]
     plain = pick[("synthetic-128k", 64, "plain")]
-    result = {
-        "metric": "compact_bytes_per_entry_k64_synthetic128k", "value": round(head["bytes_per_entry"], 4),
-        "unit": "B/entry", "target_max": 1.5,
-        "kl_mean_nats": head["kl_mean"], "kl_target_max": 1e-3,
-        "plain_bytes_per_entry": round(plain["bytes_per_entry"], 4),
-        "compact_vs_plain": round(plain["bytes_per_entry"] / head["bytes_per_entry"], 2),
-        "bytes_per_entry_128k_vocab": {"plain": round(plain["bytes_per_entry"], 4),
-                                       "compact": round(head["bytes_per_entry"], 4)},
-        "reference_bytes_per_entry": {"naive_int32_fp16": 6.0, "best_published_offline_cache": 2.6},
-        "demo_teacher": teacher_name, "window_len": L, "windows_per_row_group": PER_GROUP,
-        "rows": rows,
-        "machine": {"cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cache_bytes.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
+    # Goal (issue 25): <= 1.0 B/entry at k = 64 with the KL's 99th percentile <= 1e-3 nats/position.
+    write_result(
+        "cache_bytes", metric="compact_k64_synthetic128k", unit="B/entry; nats/position",
+        value={"bytes_per_entry": round(head["bytes_per_entry"], 4), "kl_p99_nats": head["kl_p99"]},
+        goal={"bytes_per_entry": 1.0, "kl_p99_nats": 1e-3}, direction="<=", details={
+            "kl_mean_nats": head["kl_mean"],
+            "plain_bytes_per_entry": round(plain["bytes_per_entry"], 4),
+            "compact_vs_plain": round(plain["bytes_per_entry"] / head["bytes_per_entry"], 2),
+            "bytes_per_entry_128k_vocab": {"plain": round(plain["bytes_per_entry"], 4),
+                                           "compact": round(head["bytes_per_entry"], 4)},
+            "reference_bytes_per_entry": {"naive_int32_fp16": 6.0, "best_published_offline_cache": 2.6},
+            "demo_teacher": teacher_name, "window_len": L, "windows_per_row_group": PER_GROUP,
+            "rows": rows})
 
 
 if __name__ == "__main__":

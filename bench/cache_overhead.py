@@ -36,20 +36,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import child_json, write_result
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-RESULTS = Path(__file__).parent / "results"
 L = 1024
 K = 16  # the demo's cache.k
 
@@ -82,9 +76,8 @@ def timed_pass(what: str, teacher: str, pack_dir: str, threads: int) -> tuple[fl
     in a long-lived bench process every bare pass would share that one process's state
     (allocator, memory layout, Ray driver threads left behind), where each job gets a new one."""
     spec = json.dumps({"what": what, "teacher": teacher, "pack_dir": pack_dir, "threads": threads})
-    res = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=True)
-    wall, cpu = json.loads(res.stdout.strip().splitlines()[-1])
-    return wall, cpu
+    out = child_json([__file__, "--child", spec])
+    return out["wall"], out["cpu"]
 
 
 def child(spec: str) -> None:
@@ -98,11 +91,12 @@ def child(spec: str) -> None:
     model = load_teacher(TeacherConfig(model=s["teacher"]))
     if s["what"] == "bare":
         bare_forward(model, rows[:4], 4)  # warm-up
-        print(json.dumps(bare_forward(model, rows, 4)))
+        wall, cpu = bare_forward(model, rows, 4)
     else:
         scorer = TeacherScorer(model, kind="topk", k=K, samples=1, temperature=1.0, chunk_len=L)
         forward_and_topk(scorer, rows[:4], 4)
-        print(json.dumps(forward_and_topk(scorer, rows, 4)))
+        wall, cpu = forward_and_topk(scorer, rows, 4)
+    print(json.dumps({"wall": wall, "cpu": cpu}))
 
 
 def main() -> None:
@@ -170,25 +164,21 @@ def main() -> None:
             topk.append(timed_pass("topk", teacher, str(pack), threads))
             per_budget[threads] = summary(runs, tokens, topk)
     head = per_budget[budgets[0]]
-    result = {
-        "metric": "cache_job_vs_bare_forward_wall_tokens_per_s", "value": head["ratio_steady_wall"],
-        "unit": "ratio", "target_min": 0.90, "codec": cfg.cache.codec, "threads": budgets[0],
-        "definition": "median over `repeats` jobs of: wall tokens/s of the cache job (teacher forward, chunked "
-                      "top-k, encoding, Parquet writes, fsync/rename, manifest; from the first finished shard to "
-                      "the last) over wall tokens/s of the bare HF forward on the same windows (mean of the passes "
-                      "just before and after that job), both forwards with `threads` torch threads (the job's top-k "
-                      "and shard writing on threads of their own); by_threads has every budget, the last giving every "
-                      "core to both",
-        "repeats": args.repeats,
-        "by_threads": per_budget,
-        "windows": len(rows), "window_len": L, "tokens": tokens, "k": K,
-        "teacher": os.path.relpath(args.teacher, Path(__file__).resolve().parents[1]) if not args.random else f"random Llama, hidden {args.hidden}, {args.layers} layers, 4 heads, vocab 260",
-        "machine": {"cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-                    "load_avg_1m": os.getloadavg()[0]},
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(
+        args.name, metric="cache_job_vs_bare_forward_wall_tokens_per_s", value=head["ratio_steady_wall"], goal=0.90,
+        direction=">=", unit="ratio", details={
+            "codec": cfg.cache.codec, "threads": budgets[0],
+            "definition": "median over `repeats` jobs of: wall tokens/s of the cache job (teacher forward, chunked "
+                          "top-k, encoding, Parquet writes, fsync/rename, manifest; from the first finished shard to "
+                          "the last) over wall tokens/s of the bare HF forward on the same windows (mean of the passes "
+                          "just before and after that job), both forwards with `threads` torch threads (the job's "
+                          "top-k and shard writing on threads of their own); by_threads has every budget, the last "
+                          "giving every core to both",
+            "repeats": args.repeats,
+            "by_threads": per_budget,
+            "windows": len(rows), "window_len": L, "tokens": tokens, "k": K,
+            "teacher": os.path.relpath(args.teacher, Path(__file__).resolve().parents[1]) if not args.random
+            else f"random Llama, hidden {args.hidden}, {args.layers} layers, 4 heads, vocab 260"})
 
 
 def one_run(j: dict, tokens: int, bare1: tuple, bare2: tuple) -> dict:

@@ -11,16 +11,8 @@ Llama (hidden 64, 2 layers, vocab 32000) and the same 8192-token input:
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import subprocess
-import sys
-from pathlib import Path
+from common import child_json, write_result
 
-import torch
-
-RESULTS = Path(__file__).parent / "results"
 T, V, A = 8192, 32000, 8
 
 CHILD = r'''
@@ -60,31 +52,27 @@ print(json.dumps({"variant": variant, "seconds": dt,
 
 
 def measure(variant: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(T), str(V), str(A), variant], capture_output=True,
-                         text=True, check=True, cwd=Path(__file__).resolve().parents[1],
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return child_json(["-c", CHILD, str(T), str(V), str(A), variant])
 
 
 def main() -> None:
     r = {v: measure(v) for v in ("body_only", "full_logits", "answer_only", "loss_full", "loss_tiled")}
     floor = r["body_only"]["peak_rss_mib"]
     extra = {v: round(r[v]["peak_rss_mib"] - floor, 1) for v in r}
-    result = {
-        "metric": "probe_scoring_extra_peak_rss_ratio_full_over_answer_only",
-        "value": round(extra["full_logits"] / max(extra["answer_only"], 1.0), 1),
-        "unit": "x",
-        "setup": {"tokens": T, "vocab": V, "answer_tokens": A, "model": "Llama hidden 64, 2 layers"},
-        "extra_peak_rss_mib_over_body_only": extra,
-        "peak_rss_mib": {v: round(r[v]["peak_rss_mib"], 1) for v in r},
-        "seconds": {v: round(r[v]["seconds"], 3) for v in r},
-        "loss_extra_rss_ratio_full_over_tiled": round(extra["loss_full"] / max(extra["loss_tiled"], 1.0), 1),
-        "full_logits_tensor_mib": round(T * V * 4 / 2**20, 1),
-        "machine": {"cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "eval_answer_logits.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    logits_mib = T * V * 4 / 2**20
+    # Goal: answer-only scoring adds under a tenth of what one [T, V] float32 logits tensor would.
+    write_result(
+        "eval_answer_logits", metric="answer_only_extra_peak_rss_mib", value=extra["answer_only"],
+        goal=round(logits_mib / 10, 1), direction="<=", unit="MiB", details={
+            "definition": "peak RSS of scoring the answer positions only minus the body-only forward's; goal: a "
+                          "tenth of one [T, V] float32 logits tensor",
+            "full_over_answer_only": round(extra["full_logits"] / max(extra["answer_only"], 1.0), 1),
+            "setup": {"tokens": T, "vocab": V, "answer_tokens": A, "model": "Llama hidden 64, 2 layers"},
+            "extra_peak_rss_mib_over_body_only": extra,
+            "peak_rss_mib": {v: round(r[v]["peak_rss_mib"], 1) for v in r},
+            "seconds": {v: round(r[v]["seconds"], 3) for v in r},
+            "loss_extra_rss_ratio_full_over_tiled": round(extra["loss_full"] / max(extra["loss_tiled"], 1.0), 1),
+            "full_logits_tensor_mib": round(logits_mib, 1)})
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ Runs `posdistill pack` in a child process so its peak RSS is measured alone.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import random
 import resource
 import subprocess
@@ -17,8 +15,7 @@ import time
 from pathlib import Path
 
 import yaml
-
-RESULTS = Path(__file__).parent / "results"
+from common import ROOT, write_result
 
 
 def make_corpus(path: Path, nbytes: int) -> None:
@@ -41,21 +38,16 @@ def main() -> None:
         (d / "c.yaml").write_text(yaml.safe_dump(cfg))
         t0 = time.monotonic()
         out = subprocess.run([sys.executable, "-m", "pipeline.cli", "pack", str(d / "c.yaml")],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, check=True, cwd=ROOT)
         wall = time.monotonic() - t0
         peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         meta = json.loads(next((d / "run" / "pack").iterdir()).joinpath("pack.json").read_text())
     stats = meta["stats"]
-    result = {
-        "metric": "pack_peak_rss", "value": round(peak_kb / 1024, 1), "unit": "MiB",
-        "limit_mib": 1024, "corpus_bytes": 100_000_000, "tokens": stats["tokens_read"],
-        "windows": stats["windows"], "tokens_per_s": round(stats["tokens_read"] / stats["seconds"]),
-        "wall_s": round(wall, 1), "summary": out.stdout.strip().splitlines()[0],
-        "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "pack_memory.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(
+        "pack_memory", metric="pack_peak_rss", value=round(peak_kb / 1024, 1), goal=1024, direction="<=", unit="MiB",
+        details={"corpus_bytes": 100_000_000, "tokens": stats["tokens_read"], "windows": stats["windows"],
+                 "tokens_per_s": round(stats["tokens_read"] / stats["seconds"]), "wall_s": round(wall, 1),
+                 "summary": out.stdout.strip().splitlines()[0]})
 
 
 if __name__ == "__main__":

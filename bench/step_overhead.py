@@ -5,15 +5,14 @@ One in-process DeepSpeed rank (ZeRO-2, CPU, fp32) trains a Llama student (vocab 
 hidden 512, 4 layers) on one window of 2048 tokens per step; the KD step reads top-32
 targets with a tail bucket, the CE step has no targets (alpha 0). Time is the CPU time of the
 training thread with torch on one thread (other processes on a shared machine do not enter
-it); steps alternate KD/CE and medians are compared.
+it); KD and CE steps alternate (bench/common.alternate, 7 pairs) and the value is the median of
+the per-pair ratios, with their range.
 """
 
 from __future__ import annotations
 
-import json
-
-from train_common import (RESULTS, engine_for, interleaved, llama, machine, one_thread, step, summary,
-                          synthetic_rows)
+from common import alternate, paired_ratios, spread, write_result
+from train_common import engine_for, llama, one_thread, step, synthetic_rows
 
 VOCAB, HIDDEN, LAYERS, HEADS, WINDOW, K = 32000, 512, 4, 8, 2048, 32
 
@@ -29,20 +28,16 @@ def main() -> None:
     kd_batch = collate(rows, with_targets=True, **common)
     ce_batch = collate(rows, with_targets=False, **common)
     kd, ce = KDConfig(alpha=1.0), KDConfig(alpha=0.0)
-    times = interleaved({"kd": lambda: step(engine, kd_batch, kd), "ce": lambda: step(engine, ce_batch, ce)},
-                        warmup=1, rounds=5)
-    k, c = summary(times["kd"]), summary(times["ce"])
-    result = {
-        "metric": "kd_step_over_ce_step", "value": round(k["median_s"] / c["median_s"], 3), "unit": "x",
-        "limit_max": 1.10, "kd_step": k, "ce_step": c,
-        "setup": {"vocab": VOCAB, "hidden": HIDDEN, "layers": LAYERS, "window": WINDOW, "k": K, "micro_batch": 1,
-                  "zero_stage": 2, "dtype": "float32", "loss_tile": 1024, "tail": "bucket",
-                  "time": "thread CPU time, torch on 1 thread, median of 5 alternating steps"},
-        "machine": machine(),
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "step_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    times = alternate({"kd": lambda: step(engine, kd_batch, kd), "ce": lambda: step(engine, ce_batch, ce)},
+                      repeats=7, warmup=1)
+    ratio = paired_ratios(times["kd"], times["ce"], 3)
+    write_result(
+        "step_overhead", metric="kd_step_over_ce_step", value=ratio["median"], goal=1.10, direction="<=", unit="x",
+        details={"definition": "median over alternated pairs of (KD step CPU s) / (CE-only step CPU s)",
+                 "ratio": ratio, "kd_step_s": spread(times["kd"]), "ce_step_s": spread(times["ce"]),
+                 "setup": {"vocab": VOCAB, "hidden": HIDDEN, "layers": LAYERS, "window": WINDOW, "k": K,
+                           "micro_batch": 1, "zero_stage": 2, "dtype": "float32", "loss_tile": 1024, "tail": "bucket",
+                           "time": "thread CPU time, torch on 1 thread, 7 pairs in alternated order"}})
 
 
 if __name__ == "__main__":

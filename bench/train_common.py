@@ -4,17 +4,11 @@ training a Llama student through the same module, loss and step as ``posdistill 
 from __future__ import annotations
 
 import os
-import platform
 import socket
-import statistics
-import sys
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).parent / "results"
-sys.path.insert(0, str(ROOT))
+import common  # noqa: F401  (puts the repository on sys.path)
 
 
 def single_rank_env() -> None:
@@ -88,28 +82,3 @@ def step(engine: Any, batch: Any, kd: Any) -> float:
     engine.backward(loss)
     engine.step()
     return time.thread_time() - t0
-
-
-def interleaved(fns: dict[str, Callable[[], float]], warmup: int, rounds: int) -> dict[str, list[float]]:
-    """Run the variants in turn (a, b, a, b, ...) so that load from other processes on a
-    shared machine hits them alike; returns every measured time."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(fn())
-    return times
-
-
-def summary(times: list[float]) -> dict[str, float]:
-    return {"median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4),
-            "all_s": [round(t, 4) for t in times]}
-
-
-def machine() -> dict[str, Any]:
-    import torch
-
-    return {"cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "torch_threads": torch.get_num_threads()}

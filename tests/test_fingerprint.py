@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -183,15 +184,36 @@ def test_unwritable_memo_location_does_not_fail(memo: Path, big: Path, tmp_path:
     assert fp.dir_identity(big.parent) == [first]
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes to read-only dirs")
-def test_read_only_cache_dir_does_not_fail(memo: Path, big: Path, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def read_only_home(tmp_path: Path) -> Iterator[Path]:
+    """An XDG cache home whose posdistill/ directory cannot be written. As root (how CI runs)
+    permissions do not stop writes, so it is a real read-only tmpfs there, as in
+    test_cache_integrity; otherwise a directory without write permission."""
     home = tmp_path / "ro"
-    (home / "posdistill").mkdir(parents=True)
-    os.chmod(home / "posdistill", 0o500)
+    home.mkdir()
+    if os.geteuid() != 0:
+        (home / "posdistill").mkdir()
+        os.chmod(home / "posdistill", 0o500)
+        try:
+            yield home
+        finally:
+            os.chmod(home / "posdistill", 0o700)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(home)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"root, but cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
-        monkeypatch.setenv("XDG_CACHE_HOME", str(home))
-        assert fp.file_identity(big)["size"] == SIZE
-        assert list((home / "posdistill").iterdir()) == []
+        (home / "posdistill").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(home)], check=True)
+        yield home
     finally:
-        os.chmod(home / "posdistill", 0o700)
+        subprocess.run(["umount", "-l", str(home)], check=True)
+
+
+def test_read_only_cache_dir_does_not_fail(memo: Path, big: Path, read_only_home: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(OSError):  # the directory really is read-only, whoever runs this
+        (read_only_home / "posdistill" / "probe").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(read_only_home))
+    assert fp.file_identity(big)["size"] == SIZE
+    assert list((read_only_home / "posdistill").iterdir()) == []
