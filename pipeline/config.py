@@ -264,6 +264,10 @@ class BootstrapConfig(StudentArch):
     # (data.synthetic.alphabet) or literal characters.
     alphabets: list[str] = Field(default_factory=lambda: ["bytes"], min_length=1)
     mix: BootstrapTaskMix = BootstrapTaskMix()
+    # A bootstrapped teacher directory to continue from instead of a fresh model (its own
+    # recipe is in its bootstrap.json): the sizes must be its sizes, but num_hidden_layers may
+    # be larger - the layers added on top start as identity blocks (stages.bootstrap).
+    init: str | None = None
     seed: Seed = 0
     threads: int | None = Field(None, gt=0)  # torch threads; default: torch's choice
     probe: BootstrapProbe = BootstrapProbe()

@@ -334,14 +334,11 @@ def probe_teacher(model: Any, syn: SyntheticConfig, doc_len: tuple[int, int], le
     return out
 
 
-def distance_edges(first_window: int, last_window: int) -> list[int]:
-    """Buckets of the by-distance scores: below the first phase's window, then doublings up to
-    the last one (0-255, 256-511, 512-1023 for windows 256 and 1024)."""
-    edges, e = [0, first_window], first_window
-    while e < last_window:
-        e = min(2 * e, last_window)
-        edges.append(e)
-    return edges
+def distance_edges(window: int) -> list[int]:
+    """Buckets of the by-distance scores below the teacher's window: its first quarter, the
+    second, the second half (0-255, 256-511, 512-1023 at 1024). Not the first phase's window:
+    a teacher continued with ``init`` may have a single phase."""
+    return sorted({0, window // 4, window // 2, window})
 
 
 def by_distance(probes: dict[str, Any], edges: list[int]) -> dict[str, Any]:
@@ -394,6 +391,33 @@ def _phase_settings(boot: BootstrapConfig, phase: BootstrapPhase) -> dict[str, A
     }
 
 
+def continue_from(model: Any, path: str | Path) -> None:
+    """Load a bootstrapped teacher's weights into ``model`` (built from this recipe's sizes).
+
+    Every tensor of the earlier teacher must be there with its shape; layers beyond its depth
+    keep their fresh weights but with zero output projections (attention ``o_proj``, MLP
+    ``down_proj``), so they start as identity blocks: the grown model computes exactly what
+    the earlier teacher did, and the new layers add capacity from there."""
+    from safetensors.torch import load_file
+
+    f = Path(path) / "model.safetensors"
+    if not f.is_file():
+        raise UserError(f"teacher.bootstrap.init: {f} not found (not a bootstrapped teacher directory)")
+    old = load_file(str(f))
+    own = model.state_dict()
+    for name, tensor in old.items():
+        if name not in own or own[name].shape != tensor.shape:
+            got = tuple(own[name].shape) if name in own else "missing"
+            raise UserError(f"teacher.bootstrap.init: {path}'s {name} {tuple(tensor.shape)} does not fit this "
+                            f"recipe's sizes ({got}); only num_hidden_layers may grow")
+    model.load_state_dict(old, strict=False)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            if f"model.layers.{i}.self_attn.o_proj.weight" not in old:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+
+
 def train_teacher(spec: BootstrapSpec, log: list[dict[str, Any]] | None = None, progress: bool = True,
                   callback: Callable[[Any, int, int], None] | None = None) -> Any:
     """Train the teacher phase by phase; returns the model (config holds the last theta).
@@ -407,6 +431,8 @@ def train_teacher(spec: BootstrapSpec, log: list[dict[str, Any]] | None = None, 
         torch.set_num_threads(boot.threads)
     max_window = max(p.window_len for p in boot.phases)
     model = fresh_model(llama_config(boot, BYTE_VOCAB_SIZE, max_window, build_byte_tokenizer()), boot.seed, "sdpa")
+    if boot.init is not None:
+        continue_from(model, boot.init)
     opt = torch.optim.AdamW(model.parameters(), lr=boot.lr, weight_decay=boot.weight_decay,
                             betas=(0.9, 0.98))
     syn = spec.synthetic
@@ -506,8 +532,7 @@ def run_bootstrap(spec: BootstrapSpec, out: str | Path, progress: bool = True) -
         "train_seconds": round(train_s, 1),
         "probe_seconds": round(probe_s, 1),
         "max_trained_copy_distance": trained_max,
-        "by_distance": by_distance(probes, distance_edges(boot.phases[0].window_len,
-                                                          max(p.window_len for p in boot.phases))),
+        "by_distance": by_distance(probes, distance_edges(max(p.window_len for p in boot.phases))),
         "needle_accuracy": accuracy_grid(probes["needle"]),
         "needle_token_accuracy": accuracy_grid(probes["needle"], "token_acc"),
         "passkey_accuracy": accuracy_grid(probes["passkey"]),

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pipeline.config import (AnalyzeConfig, BootstrapConfig, CacheConfig, DataConfig, EvalConfig, KDConfig,
                              PackConfig, RopeConfig, StudentConfig, SyntheticConfig, TeacherConfig, TrainConfig)
-from pipeline.fingerprint import FORMAT_VERSION, fingerprint
+from pipeline.fingerprint import FORMAT_VERSION, file_identity, fingerprint
 
 
 @dataclass(frozen=True)
@@ -240,4 +240,6 @@ class BootstrapSpec:
             "synthetic": self.synthetic.model_dump(mode="json"),
             "doc_len": list(self.doc_len),
             "format": FORMAT_VERSION["bootstrap"],
+            # The weights it continues from, by content (a retrained earlier teacher is another one).
+            **({"init": file_identity(Path(self.boot.init) / "model.safetensors")} if self.boot.init else {}),
         }
