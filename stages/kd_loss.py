@@ -414,7 +414,7 @@ def naive_kd_loss(hidden: Tensor, weight: Tensor, labels: Tensor, targets: KDTar
                   alpha: float = 1.0, temperature: float = 1.0, tail: Tail = "bucket",
                   loss: Loss = "forward_kl", beta: float = 0.5) -> Tensor:
     """The same loss through full [N, V] logits and autograd: the float64 reference in tests
-    and the baseline of ``bench/kd_loss_memory.py``."""
+    (``bench/kd_loss_memory.py`` compares with DeepSpeed's TiledFusedLogitsLoss and a plain one-log-softmax loss)."""
     z = hidden @ weight.t()  # [N, V]
     valid = labels != IGNORE
     logq1 = torch.log_softmax(z, dim=-1)
