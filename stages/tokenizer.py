@@ -9,6 +9,7 @@ like any other model, and using it fetches nothing.
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 from typing import Any, Iterator
 
@@ -119,8 +120,10 @@ def teacher_tokenizer_spec(model: str, tokenizer: str | None) -> str:
     return model
 
 
+@functools.lru_cache(maxsize=8)
 def check_teacher_tokenizer(data_tokenizer: str, model: str, tokenizer: str | None = None) -> None:
-    """The windows must be tokenized as the teacher reads them: one line naming both otherwise."""
+    """The windows must be tokenized as the teacher reads them: one line naming both otherwise.
+    Memoised: the graph's early check and the cache job's own check ask the same question."""
     theirs = teacher_tokenizer_spec(model, tokenizer)
     field = "teacher.tokenizer" if tokenizer is not None else "teacher.model"
     if theirs != "byte" and data_tokenizer != "byte":
